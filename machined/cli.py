@@ -1,0 +1,422 @@
+"""mctl: the command line. argparse verbs only; the work happens in the modules each verb imports."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from machined import log
+from machined.log import MachinedError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+
+def _fmt_time(ts: object) -> str:
+    import time
+
+    if not isinstance(ts, (int, float)):
+        return "-"
+    ago = max(0, int(time.time() - ts))
+    span = f"{ago // 3600}h {ago % 3600 // 60}min ago" if ago >= 3600 else (
+        f"{ago // 60}min {ago % 60}s ago" if ago >= 60 else f"{ago}s ago")
+    return time.strftime("%a %Y-%m-%d %H:%M:%S %Z", time.localtime(ts)) + f"; {span}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print(" ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, int):
+        return "-"
+    value = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.1f}{unit}" if unit != "B" else f"{int(value)}B"
+        value /= 1024
+    return str(n)
+
+
+def _json(obj: object) -> None:
+    import json
+
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --- verbs -------------------------------------------------------------------------------------
+
+def verb_create(a: argparse.Namespace) -> int:
+    from machined import store
+
+    store.create(a.name, a.template, a.release, a.set)
+    return 0
+
+
+def verb_templates(a: argparse.Namespace) -> int:
+    from machined import templates
+
+    tmpls = templates.available()
+    if a.output == "json":
+        _json([{"name": t.name, "description": t.description, "bootstrap": t.bootstrap, "releases": t.releases,
+                "parameters": {p.name: {"type": p.type, "default": p.default, "help": p.help}
+                               for p in t.parameters.values()}} for t in tmpls])
+        return 0
+    for t in tmpls:
+        print(f"{t.name}: {t.description}")
+        if t.releases:
+            print(f"  releases: {', '.join(t.releases)} (default {t.default_release})")
+        for p in t.parameters.values():
+            print(f"  {p.name} ({p.type}, default {p.default!r}): {p.help}")
+    return 0
+
+
+def verb_start(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    code = 0
+    for name in a.names:
+        code = machines.start(name, foreground=a.foreground) or code
+    return code
+
+
+def verb_run(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    return machines.run(a.name, a.directory, a.command, read_only=a.read_only)
+
+
+def verb_list(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    infos = machines.running_infos()
+    if a.output == "json":
+        _json([{"machine": i["Name"], "class": i["Class"], "service": i["Service"], "os": i["OS"] or None,
+                "version": i["OSVersion"] or None, "addresses": i["Addresses"] or None, "state": i["State"],
+                "leader": i["Leader"]} for i in infos])
+        return 0
+    rows = [[str(i["Name"]), str(i["Class"]), str(i["Service"]), str(i["OS"] or "-"), str(i["OSVersion"] or "-"),
+             ", ".join(str(x) for x in i["Addresses"]) or "-"] for i in infos]  # type: ignore[attr-defined]
+    if rows:
+        _table(rows, ["MACHINE", "CLASS", "SERVICE", "OS", "VERSION", "ADDRESSES"])
+    if not a.no_legend:
+        print(f"\n{len(rows)} machines listed.")
+    return 0
+
+
+def verb_list_images(a: argparse.Namespace) -> int:
+    from machined import store
+
+    imgs = store.images()
+    if a.output == "json":
+        _json([{"name": i["name"], "type": i["type"], "ro": i["read_only"], "usage": i["usage"],
+                "created": int(i["created"] * 1e6), "modified": int(i["modified"] * 1e6),
+                "template": i["template"]} for i in imgs])
+        return 0
+    import time
+
+    rows = [[i["name"], i["type"], "yes" if i["read_only"] else "no", _size(i["usage"]),
+             time.strftime("%a %Y-%m-%d %H:%M:%S", time.localtime(i["created"]))] for i in imgs]
+    if rows:
+        _table(rows, ["NAME", "TYPE", "RO", "USAGE", "CREATED"])
+    if not a.no_legend:
+        print(f"\n{len(rows)} images listed.")
+    return 0
+
+
+def verb_status(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    for n, name in enumerate(a.names):
+        info = machines.info(name)
+        if n:
+            print()
+        print(f"{info['Name']} ({info.get('Id', '')})")
+        lines: list[tuple[str, object]] = [("State", info["State"])]
+        if info["State"] != "stopped":
+            leader = info.get("Leader")
+            comm = ""
+            if isinstance(leader, int):
+                try:
+                    with open(f"/proc/{leader}/comm") as f:
+                        comm = f" ({f.read().strip()})"
+                except OSError:
+                    pass
+            lines += [("Since", _fmt_time(info.get("Timestamp"))), ("Leader", f"{leader}{comm}"),
+                      ("Supervisor", info.get("Supervisor")),
+                      ("Service", f"{info['Service']}; class {info['Class']}"), ("Init", info.get("Init"))]
+        lines += [("Root", info["RootDirectory"]), ("OS", info.get("OSPrettyName") or info.get("OS") or "-")]
+        if info.get("Template"):
+            lines.append(("Template", f"{info['Template']} {info.get('Release') or ''}".strip()))
+        if info.get("ReadOnly"):
+            lines.append(("Read-only", "yes"))
+        for key in ("Addresses", "NetworkInterfaces"):
+            if info.get(key):
+                lines.append((key, ", ".join(str(x) for x in info[key])))  # type: ignore[attr-defined]
+        if info.get("ControlGroup"):
+            lines.append(("Cgroup", info["ControlGroup"]))
+        for key, value in info.items():
+            if key.startswith("Status."):
+                lines.append((key[7:], value))
+        for key, value in lines:
+            print(f"{key:>14}: {value}")
+        logfile = info.get("Log")
+        if logfile and isinstance(logfile, str):
+            tail = _tail(logfile, a.lines)
+            if tail:
+                print("\nConsole (last lines):")
+                for line in tail:
+                    print(f"  {line}")
+    return 0
+
+
+def _tail(path: str, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    lines = [ln.rstrip("\r") for ln in data.replace("\r\n", "\n").split("\n")]
+    lines = ["".join(c for c in ln if c.isprintable()) for ln in lines]
+    return [ln for ln in lines if ln.strip()][-n:]
+
+
+def verb_show(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    for n, name in enumerate(a.names):
+        info = machines.info(name)
+        if a.property:
+            info = {k: v for k, v in info.items() if k in a.property}
+        if a.output == "json":
+            _json(info)
+            continue
+        if n:
+            print()
+        for key, value in info.items():
+            if isinstance(value, (list, tuple)):
+                value = " ".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif value is None:
+                value = ""
+            value = str(value).replace("\n", "\\n")
+            print(f"{key}={value}" if not a.value else value)
+    return 0
+
+
+def verb_shell(a: argparse.Namespace) -> int:
+    from machined import enter
+
+    env: dict[str, str] = {}
+    for item in a.setenv:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            log.die(f"Invalid --setenv {item!r}: expected VAR=VALUE")
+        env[k] = v
+    name, user = a.name, a.uid
+    if "@" in name:
+        user, _, name = name.rpartition("@")
+        user = user or "root"
+    return enter.enter(name, a.command or None, user=user, extra_env=env)
+
+
+def verb_login(a: argparse.Namespace) -> int:
+    from machined import enter
+
+    return enter.enter(a.name, None, login=True)
+
+
+def verb_console(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    return machines.console(a.name)
+
+
+def verb_poweroff(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    for name in a.names:
+        machines.stop(name, "poweroff", timeout=a.timeout, wait=not a.no_wait)
+    return 0
+
+
+def verb_halt(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    for name in a.names:
+        machines.stop(name, "halt", timeout=a.timeout, wait=not a.no_wait)
+    return 0
+
+
+def verb_terminate(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    for name in a.names:
+        machines.stop(name, "terminate", wait=not a.no_wait)
+    return 0
+
+
+def verb_reboot(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    for name in a.names:
+        machines.reboot(name, wait=not a.no_wait)
+    return 0
+
+
+def verb_kill(a: argparse.Namespace) -> int:
+    from machined import machines
+
+    sig = machines.parse_signal(a.signal)
+    for name in a.names:
+        machines.kill(name, sig, a.kill_whom)
+    return 0
+
+
+def verb_remove(a: argparse.Namespace) -> int:
+    from machined import store
+
+    for name in a.names:
+        store.remove(name)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise MachinedError(f"Invalid arguments: {message}", hint=f"'{self.prog} --help'")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mctl", description="Manage full-OS system containers (machines).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug output")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, aliases=list(aliases))
+        sp.set_defaults(func=func)
+        return sp
+
+    def output(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    sp = verb("create", verb_create, "create a machine's root file system and configuration from a template")
+    sp.add_argument("name")
+    sp.add_argument("-t", "--template", required=True)
+    sp.add_argument("--release", default=None)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="template parameter")
+
+    sp = verb("templates", verb_templates, "list templates and their parameters")
+    output(sp)
+
+    sp = verb("start", verb_start, "boot machines detached; returns once init runs")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("--foreground", action="store_true", help="supervise in this process (for service units)")
+
+    sp = verb("run", verb_run, "run a command as a one-shot machine in the foreground")
+    sp.add_argument("name", nargs="?", default=None)
+    sp.add_argument("-D", "--directory", help="root file system directory instead of a machine")
+    sp.add_argument("--read-only", action="store_true")
+    sp.add_argument("command", nargs="*")
+
+    sp = verb("list", verb_list, "list running machines")
+    output(sp)
+    sp.add_argument("--no-legend", action="store_true")
+
+    sp = verb("list-images", verb_list_images, "list machine images on disk")
+    output(sp)
+    sp.add_argument("--no-legend", action="store_true")
+
+    sp = verb("status", verb_status, "show a machine's state, leader, cgroup and console tail")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("-n", "--lines", type=int, default=10)
+
+    sp = verb("show", verb_show, "show a machine's properties as KEY=VALUE")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("-p", "--property", action="append", default=[])
+    sp.add_argument("--value", action="store_true", help="print values only")
+    output(sp)
+
+    sp = verb("shell", verb_shell, "run a command (default: a login shell) inside a running machine")
+    sp.add_argument("name", metavar="[USER@]NAME")
+    sp.add_argument("--uid", default="root", help="user to run as")
+    sp.add_argument("-E", "--setenv", action="append", default=[], metavar="VAR=VALUE")
+    sp.add_argument("command", nargs="*")
+
+    sp = verb("login", verb_login, "log in to a running machine on a new terminal")
+    sp.add_argument("name")
+
+    sp = verb("console", verb_console, "attach to a running machine's console")
+    sp.add_argument("name")
+
+    for name, func, help_ in (("poweroff", verb_poweroff, "power machines off cleanly"),
+                              ("halt", verb_halt, "halt machines")):
+        sp = verb(name, func, help_)
+        sp.add_argument("names", nargs="+", metavar="NAME")
+        sp.add_argument("--timeout", type=float, default=None, help="seconds before the machine is killed")
+        sp.add_argument("--no-wait", action="store_true", help="return without waiting for it to stop")
+
+    sp = verb("reboot", verb_reboot, "reboot machines")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("--no-wait", action="store_true")
+
+    sp = verb("terminate", verb_terminate, "stop machines at once, killing all their processes")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("--no-wait", action="store_true")
+
+    sp = verb("kill", verb_kill, "send a signal to machines' processes")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("-s", "--signal", default="SIGTERM")
+    sp.add_argument("--kill-whom", choices=("leader", "all"), default="all")
+
+    sp = verb("remove", verb_remove, "remove machines' images and configuration", aliases=["rm"])
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in argv:  # everything after '--' is the command, never an option or a name
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    debug = "--debug" in argv or os.environ.get("MACHINED_DEBUG") == "1"
+    log.DEBUG = debug
+    try:
+        args = parser().parse_args(argv)
+        if command is not None:
+            if not hasattr(args, "command"):
+                log.die(f"Invalid arguments: {args.verb} takes no command after '--'")
+            args.command = list(getattr(args, "command", []) or []) + command
+        if os.geteuid() != 0 and args.verb not in ("templates",):
+            log.die(f"Failed to {args.verb}: mctl must run as root", hint="sudo mctl ...")
+        return int(args.func(args) or 0)
+    except MachinedError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"mctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into something like head that stopped reading: not an error worth a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if debug:
+            raise
+        print(f"mctl: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1

@@ -1,0 +1,54 @@
+"""What a guest's init understands: how to ask it to power off, reboot or halt."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from machined import mounts
+
+# name: (poweroff, reboot, halt). systemd: SIGRTMIN+4 / SIGINT / SIGRTMIN+3; busybox: SIGUSR2 /
+# SIGTERM / SIGUSR1; sysvinit as LXC drives it: SIGPWR / SIGINT; a plain command gets SIGTERM.
+SIGNALS: dict[str, tuple[int, int, int]] = {
+    "systemd": (signal.SIGRTMIN + 4, signal.SIGINT, signal.SIGRTMIN + 3),
+    "busybox": (signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR1),
+    "sysvinit": (signal.SIGPWR, signal.SIGINT, signal.SIGPWR),
+    "command": (signal.SIGTERM, signal.SIGTERM, signal.SIGTERM),
+}
+
+
+# What an init prints once its shutdown is complete and only the final reboot(2) remains. BusyBox
+# init then sleeps a second "for serial consoles"; our console is a pty drained continuously, so a
+# supervisor stopping the machine need not wait for that.
+FINAL_WORDS: dict[str, tuple[bytes, ...]] = {
+    "busybox": (b"Requesting system poweroff", b"Requesting system halt"),
+}
+
+
+def detect(rootfs: str, init: str) -> str:
+    """Classify init by the file its symlinks lead to, inside rootfs."""
+    root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        path = mounts.resolve_path(root_fd, init)
+    except OSError:
+        return "sysvinit"
+    finally:
+        os.close(root_fd)
+    base = os.path.basename(path)
+    if base == "systemd":
+        return "systemd"
+    if base == "busybox":
+        return "busybox"
+    return "sysvinit"
+
+
+def poweroff_signal(kind: str) -> int:
+    return SIGNALS.get(kind, SIGNALS["command"])[0]
+
+
+def reboot_signal(kind: str) -> int:
+    return SIGNALS.get(kind, SIGNALS["command"])[1]
+
+
+def halt_signal(kind: str) -> int:
+    return SIGNALS.get(kind, SIGNALS["command"])[2]

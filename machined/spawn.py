@@ -1,0 +1,250 @@
+"""Fork a machine's PID 1 into new namespaces, set up its root, exec its init or payload.
+
+The parent unshares only its pid namespace for children, forks, and goes straight back to its own
+(so it can keep forking helpers on the host). The child is PID 1 of the new pid namespace; it
+joins the machine's cgroup, unshares mount, UTS, IPC, network and cgroup namespaces, builds its
+root and execs. A pipe reports either an error message or, by closing on exec, success: the
+parent returns once the guest's init really runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import termios
+
+from machined import cgroups, linux, mounts, security
+from machined.log import MachinedError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from machined.cgroups import MachineCgroup
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Spec:
+    """What to run and how; plain attributes so the one-shot path needs no dataclasses import."""
+
+    def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
+                 cgroup: MachineCgroup | None, inaccessible: str, machine_id_file: str,
+                 read_only: bool = False, console: str | None = None, stdio: tuple[int, int, int] = (0, 1, 2),
+                 ctty: bool = False, env: dict[str, str] | None = None, workdir: str = "/",
+                 bind_machine_id: bool = True) -> None:
+        self.name = name
+        self.rootfs = rootfs
+        self.machine_id = machine_id
+        self.argv = argv
+        self.boot = boot
+        self.cgroup = cgroup
+        self.inaccessible = inaccessible
+        self.machine_id_file = machine_id_file
+        self.read_only = read_only
+        self.console = console          # host pty slave to become /dev/console and init's stdio
+        self.stdio = stdio              # used when there is no console
+        self.ctty = ctty                # make stdio[0] the controlling terminal
+        self.env = env or {}
+        self.workdir = workdir
+        # systemd sets up an empty /etc/machine-id itself from container_uuid (and commits it);
+        # for other inits we cover an empty one with the machine's id for the boot.
+        self.bind_machine_id = bind_machine_id
+        # Runs in the parent once the child's namespaces exist, before the child builds its root
+        # (network set-up moves links in here); gets the child's host pid.
+        self.on_namespaces: list[Callable[[int], None]] = []
+        # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
+        self.in_child: list[Callable[[int], None]] = []
+
+
+def machine_env(spec: Spec) -> dict[str, str]:
+    mid = spec.machine_id
+    env = {
+        "PATH": DEFAULT_PATH,
+        "container": "machined",
+        "container_uuid": f"{mid[:8]}-{mid[8:12]}-{mid[12:16]}-{mid[16:20]}-{mid[20:]}",
+        "HOME": "/root" if spec.boot else "/",
+        "TERM": "vt220" if spec.boot else os.environ.get("TERM", "vt220"),
+    }
+    if not spec.boot:
+        env["LANG"] = os.environ.get("LANG", "C.UTF-8")
+    env.update(spec.env)
+    return env
+
+
+class Child:
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def spawn(spec: Spec) -> Child:
+    """Start the machine's PID 1; returns after it exec'd, raises MachinedError with its reason if not."""
+    status_r, status_w = os.pipe()   # child -> parent: b"N" namespaces ready, b"E<msg>" error, EOF exec'd
+    go_r, go_w = os.pipe()           # parent -> child: b"G" proceed
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            linux.setns(own_pidns, linux.CLONE_NEWPID)
+            raise
+        if pid == 0:
+            os.close(status_r)
+            os.close(go_w)
+            _child_main(spec, status_w, go_r)
+        # Back to our own pid namespace for any later child (helpers, the next boot).
+        linux.setns(own_pidns, linux.CLONE_NEWPID)
+    finally:
+        os.close(own_pidns)
+    os.close(status_w)
+    os.close(go_r)
+    pidfd = os.pidfd_open(pid)
+    child = Child(pid, pidfd)
+    try:
+        msg = _read_msg(status_r)
+        if msg == b"N":
+            for hook in spec.on_namespaces:
+                hook(pid)
+            os.write(go_w, b"G")
+            msg = _read_msg(status_r)
+        if msg:
+            raise MachinedError(msg[1:].decode(errors="replace") if msg[:1] == b"E" else f"protocol error {msg!r}")
+    except BaseException:
+        _kill_and_reap(child)
+        raise
+    finally:
+        os.close(status_r)
+        os.close(go_w)
+    return child
+
+
+def _read_msg(fd: int) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, 4096)
+        if not b:
+            break
+        chunks.append(b)
+        if b[:1] == b"N":
+            break
+    return b"".join(chunks)
+
+
+def _kill_and_reap(child: Child) -> None:
+    try:
+        linux.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        os.waitpid(child.pid, 0)
+    except ChildProcessError:
+        pass
+    child.close()
+
+
+def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
+    """PID 1 of the new namespace until exec. Never returns."""
+    step = "set up the machine"
+    try:
+        seal_imports()
+        step = "set parent death signal"
+        linux.set_pdeathsig(signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        if spec.cgroup is not None:
+            step = f"join cgroup of {spec.name}"
+            spec.cgroup.join_payload(0)
+        step = "create namespaces"
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+                      | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP)
+        if spec.on_namespaces:
+            os.write(status_w, b"N")
+            if os.read(go_r, 1) != b"G":
+                os._exit(1)
+        os.close(go_r)
+        step = "set hostname"
+        linux.sethostname(spec.name)
+        step = "bring up loopback"
+        linux.loopback_up()
+        step = f"mount root file system {spec.rootfs}"
+        root_fd = mounts.prepare_root(spec.rootfs, spec.read_only)
+        step = "mount /proc"
+        mounts.setup_proc(root_fd, spec.inaccessible, private_network=True)
+        step = "mount /sys"
+        mounts.setup_sys(root_fd, spec.cgroup.layout if spec.cgroup else cgroups.layout())
+        step = "set up /dev"
+        mounts.setup_dev(root_fd, spec.console)
+        step = "mount /run"
+        mounts.setup_tmpfs(root_fd, "run", "755")
+        step = "mount /tmp"
+        mounts.setup_tmpfs(root_fd, "tmp", "1777")
+        if spec.bind_machine_id:
+            step = "set up /etc/machine-id"
+            mounts.setup_machine_id(root_fd, spec.machine_id, spec.machine_id_file)
+        for hook in spec.in_child:
+            hook(root_fd)
+        os.close(root_fd)
+        step = "change root"
+        mounts.enter_root(spec.rootfs)
+        step = "drop capabilities"
+        security.drop_capabilities(("NET_ADMIN",))
+        step = "set up the terminal"
+        os.setsid()
+        if spec.console:
+            fd = os.open("/dev/console", os.O_RDWR)
+            stdio = (fd, fd, fd)
+            ctty = True
+        else:
+            stdio, ctty = spec.stdio, spec.ctty
+        for target, fd in enumerate(stdio):
+            if fd != target:
+                os.dup2(fd, target, inheritable=True)
+            else:
+                os.set_inheritable(fd, True)
+        if ctty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        keep = {0, 1, 2, status_w}
+        for fd in _open_fds():
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        step = f"change directory to {spec.workdir}"
+        os.chdir(spec.workdir)
+        step = f"execute {spec.argv[0]}"
+        os.execvpe(spec.argv[0], spec.argv, machine_env(spec))
+    except BaseException as e:  # noqa: BLE001 - report anything to the parent, then die
+        if isinstance(e, MachinedError):
+            text = str(e)
+        elif isinstance(e, OSError):
+            text = f"Failed to {step}: {e.strerror or e}"
+        else:
+            text = f"Failed to {step}: {e!r}"
+        try:
+            os.write(status_w, b"E" + text.encode())
+        finally:
+            os._exit(127)
+    os._exit(127)
+
+
+def seal_imports() -> None:
+    """After this, an import cannot load code from disk. Called in children that are about to see a
+    machine's file system as '/': a module imported there would come from the guest and run with
+    our privileges. Everything they need is imported at the top of the modules they use."""
+    sys.path[:] = []
+    sys.path_importer_cache.clear()
+    sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") in ("BuiltinImporter", "FrozenImporter")]
+
+
+def _open_fds() -> list[int]:
+    return [int(x) for x in os.listdir("/proc/self/fd")]

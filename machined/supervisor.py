@@ -1,0 +1,548 @@
+"""One small supervisor per running machine: it owns the console, reaps init, tells a reboot from a
+poweroff and tears everything down when the machine ends.
+
+The supervisor holds the machine's lock for its whole life. Its child (the machine's PID 1) dies
+with it (PR_SET_PDEATHSIG), so a supervisor killed with SIGKILL leaves only inert leftovers (an
+empty cgroup, a state file) that the next mctl call recognises by the free lock and removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import sys
+import time
+
+from machined import cgroups, devices, inits, linux, paths, spawn, state
+from machined.log import MachinedError, die
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
+
+    from machined.config import MachineConfig
+
+LOG_MAX = 1 << 20
+
+
+class Plan:
+    """Everything needed to run a machine, from a config file or from `run --directory`."""
+
+    def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
+                 init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False) -> None:
+        self.name = name
+        self.rootfs = rootfs
+        self.machine_id = machine_id
+        self.argv = argv
+        self.boot = boot
+        self.init_kind = init_kind
+        self.read_only = read_only
+        self.rules = rules
+        self.kill_timeout = kill_timeout
+        self.config = config
+        self.ephemeral_dir = ephemeral_dir
+
+
+def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
+    rootfs = paths.image_path(cfg.name)
+    if not os.path.isdir(rootfs):
+        die(f"Failed to start {cfg.name}: root file system {rootfs} is missing")
+    boot = argv is None
+    init_argv = [cfg.init] if boot else list(argv or [])
+    from machined import mounts
+
+    mounts.preflight(rootfs)
+    if boot:
+        mounts.check_init(rootfs, cfg.init)
+    rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)
+    return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
+                init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
+                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg)
+
+
+class Supervisor:
+    def __init__(self, plan: Plan, lock: state.Lock, *, ready_fd: int | None = None, attach: bool = False) -> None:
+        self.plan = plan
+        self.lock = lock
+        self.ready_fd = ready_fd
+        self.attach = attach            # foreground: console relayed to our own stdio (run on a tty)
+        self.rundir = paths.machine_runtime_dir(plan.name)
+        self.cgroup: cgroups.MachineCgroup | None = None
+        self.child: spawn.Child | None = None
+        self.master = -1
+        self.slave = -1
+        self.log_fd = -1
+        self.listener: socket.socket | None = None
+        self.client: socket.socket | None = None
+        self.sel = selectors.DefaultSelector()
+        self.wake_r = self.wake_w = -1
+        self.pending_signals: list[int] = []
+        self.stopping = False
+        self.kill_deadline: float | None = None
+        self.boots = 0
+        self.data: dict[str, object] = {"name": plan.name}
+        self.saved_tty: list[Any] | None = None
+        self.console_tail = b""
+        self.console_path = ""
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        code = 1
+        try:
+            self._prepare()
+            while True:
+                self.child = spawn.spawn(self._spec())
+                self.boots += 1
+                self._write_state()
+                self._report_ready()
+                status = self._loop()
+                self.child.close()
+                self._log(f"\r\n[machined: init ended: {_describe(status)}]\r\n".encode())
+                if self._is_reboot(status) and not self.stopping:
+                    self._log(f"\r\n[machined: {self.plan.name} reboots]\r\n".encode())
+                    continue
+                code = _exit_code(status)
+                break
+        except MachinedError as e:
+            self._report_error(str(e))
+        except Exception as e:  # noqa: BLE001 - never die without tearing down and saying why
+            import traceback
+
+            self._log(traceback.format_exc().replace("\n", "\r\n").encode())
+            self._report_error(f"Failed to run {self.plan.name}: {e!r}")
+        finally:
+            self._teardown()
+        return code
+
+    def _prepare(self) -> None:
+        os.makedirs(self.rundir, mode=0o755, exist_ok=True)
+        inaccessible = os.path.join(self.rundir, "inaccessible")
+        os.close(os.open(inaccessible, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000))
+        self.data.update({
+            "name": self.plan.name, "id": self.plan.machine_id, "class": "container", "service": "machined",
+            "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
+            "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
+        })
+        self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
+        self.data["cgroup"] = self.cgroup.to_state()
+        state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+        if self.plan.boot or self.attach:
+            self.master, self.slave = os.openpty()
+            self.console_path = os.ttyname(self.slave)
+            os.set_blocking(self.master, False)
+            os.set_inheritable(self.master, False)
+            os.set_inheritable(self.slave, False)
+            self.sel.register(self.master, selectors.EVENT_READ, "console")
+        if self.plan.boot:
+            log = paths.log_path(self.plan.name)
+            os.makedirs(os.path.dirname(log), mode=0o755, exist_ok=True)
+            self.log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            self.data["log"] = log
+        if self.attach:
+            from machined import terminal
+
+            terminal.set_winsize(self.master, terminal.winsize(0))
+            import termios
+            import tty
+
+            self.saved_tty = termios.tcgetattr(0)
+            tty.setraw(0)
+            self.sel.register(0, selectors.EVENT_READ, "stdin")
+
+    def _spec(self) -> spawn.Spec:
+        if self.slave >= 0 and self.boots:
+            # The guest's shutdown hung up the console (vhangup): hold a fresh end for the next boot.
+            os.close(self.slave)
+            self.slave = os.open(self.console_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        console = self.console_path if self.slave >= 0 else None
+        return spawn.Spec(
+            name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
+            boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
+            machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
+            console=console, bind_machine_id=self.plan.init_kind != "systemd",
+        )
+
+    def _write_state(self) -> None:
+        assert self.child is not None
+        self.data["leader"] = state.proc_ref(self.child.pid)
+        self.data["state"] = "running"
+        self.data["boots"] = self.boots
+        if self.plan.boot and self.listener is None:
+            self._listen()
+        state.write(self.plan.name, self.data)
+
+    def _report_ready(self) -> None:
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, b"OK")
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        notify = os.environ.get("NOTIFY_SOCKET")
+        if notify and self.boots == 1:
+            sd_notify(notify, f"READY=1\nMAINPID={os.getpid()}\nSTATUS=Machine {self.plan.name} running")
+
+    def _report_error(self, message: str) -> None:
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, b"ER" + message.encode())
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        else:
+            print(f"mctl: {message}", file=sys.stderr)
+        self._log(f"\r\n[machined: {message}]\r\n".encode())
+
+    def _is_reboot(self, status: int) -> bool:
+        # reboot(2) by a pid namespace's init ends it with SIGHUP (restart) or SIGINT (power off, halt).
+        return self.plan.boot and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP
+
+    # --- event loop --------------------------------------------------------------------------
+
+    def _loop(self) -> int:
+        assert self.child is not None
+        self.sel.register(self.child.pidfd, selectors.EVENT_READ, "child")
+        try:
+            while True:
+                timeout = None
+                if self.kill_deadline is not None:
+                    timeout = max(0.0, self.kill_deadline - time.monotonic())
+                for key, _ in self.sel.select(timeout):
+                    what = key.data
+                    if what == "child":
+                        pid, status = os.waitpid(self.child.pid, os.WNOHANG)
+                        if pid:
+                            self._drain_console()
+                            return status
+                    elif what == "console":
+                        self._on_console_output()
+                    elif what == "signal":
+                        self._on_wakeup()
+                    elif what == "listener":
+                        self._accept()
+                    elif what == "client":
+                        self._on_client_input()
+                    elif what == "stdin":
+                        self._on_stdin()
+                if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
+                    self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
+                    self._signal_leader(signal.SIGKILL)
+                    self.kill_deadline = None
+        finally:
+            self.sel.unregister(self.child.pidfd)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.pending_signals.append(signum)
+
+    def _on_wakeup(self) -> None:
+        try:
+            os.read(self.wake_r, 512)
+        except BlockingIOError:
+            pass
+        sigs, self.pending_signals = self.pending_signals, []
+        for sig in sigs:
+            if self.stopping:
+                self._signal_leader(signal.SIGKILL)  # asked twice: no more waiting
+                continue
+            self.stopping = True
+            self.data["state"] = "stopping"
+            state.write(self.plan.name, self.data)
+            if self.plan.boot:
+                self._signal_leader(inits.poweroff_signal(self.plan.init_kind))
+            else:
+                self._signal_leader(sig)
+            self.kill_deadline = time.monotonic() + self.plan.kill_timeout
+
+    def _signal_leader(self, sig: int) -> None:
+        if self.child is not None and self.child.pidfd >= 0:
+            try:
+                linux.pidfd_send_signal(self.child.pidfd, sig)
+            except OSError:
+                pass
+
+    def _on_console_output(self) -> bool:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EAGAIN):
+                return False
+            raise
+        if not data:
+            return False
+        self._log(data)
+        if self.client is not None:
+            try:
+                self.client.sendall(data)
+            except OSError:
+                self._drop_client()
+        if self.attach:
+            _write_all(1, data)
+        if self.stopping:
+            self._watch_final_words(data)
+        return True
+
+    def _watch_final_words(self, data: bytes) -> None:
+        words = inits.FINAL_WORDS.get(self.plan.init_kind)
+        if not words:
+            return
+        self.console_tail = (self.console_tail + data)[-512:]
+        if any(w in self.console_tail for w in words):
+            self._signal_leader(signal.SIGKILL)
+
+    def _drain_console(self) -> None:
+        """Whatever init wrote just before it ended is still in the pty: keep it."""
+        if self.master >= 0:
+            for _ in range(64):
+                if not self._on_console_output():
+                    return
+
+    def _log(self, data: bytes) -> None:
+        if self.log_fd < 0:
+            return
+        try:
+            if os.fstat(self.log_fd).st_size > LOG_MAX:
+                log = str(self.data.get("log"))
+                os.replace(log, log + ".1")
+                os.close(self.log_fd)
+                self.log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            os.write(self.log_fd, data)
+        except OSError:
+            pass
+
+    def _on_stdin(self) -> None:
+        data = os.read(0, 65536)
+        if not data:
+            self.sel.unregister(0)
+            return
+        _write_all(self.master, data)
+
+    # --- console socket ----------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        import socket
+
+        path = os.path.join(self.rundir, "console.sock")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            self.listener.bind(path)
+        finally:
+            os.umask(old)
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "listener")
+        self.data["console"] = path
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.client is not None:
+            try:
+                self.client.sendall(b"\r\n[machined: another console attached; detaching]\r\n")
+            except OSError:
+                pass
+            self._drop_client()
+        conn.setblocking(True)
+        conn.settimeout(2.0)
+        self.client = conn
+        self.sel.register(conn, selectors.EVENT_READ, "client")
+
+    def _on_client_input(self) -> None:
+        assert self.client is not None
+        try:
+            data = self.client.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_client()
+            return
+        # A window size update travels in-band: ESC ] machined-winsize;ROWS;COLS BEL, never from a guest.
+        if data.startswith(b"\x1b]machined-winsize;"):
+            end = data.find(b"\x07")
+            if end > 0:
+                try:
+                    rows, cols = (int(x) for x in data[19:end].split(b";"))
+                    from machined import terminal
+
+                    terminal.set_winsize(self.master, terminal.pack_winsize(rows, cols))
+                except ValueError:
+                    pass
+                data = data[end + 1:]
+        if data:
+            _write_all(self.master, data)
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            try:
+                self.sel.unregister(self.client)
+            except (KeyError, ValueError):
+                pass
+            self.client.close()
+            self.client = None
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        if self.child is not None and self.child.pidfd >= 0:
+            self._signal_leader(signal.SIGKILL)
+            try:
+                os.waitpid(self.child.pid, 0)
+            except ChildProcessError:
+                pass
+            self.child.close()
+        if self.saved_tty is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, self.saved_tty)
+        self._drop_client()
+        if self.listener is not None:
+            self.listener.close()
+        state.teardown(self.data)
+        state.remove_runtime_dir(self.plan.name)
+        for fd in (self.master, self.slave, self.log_fd, self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self.wake_w >= 0:
+            signal.set_wakeup_fd(-1)
+        self.lock.release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    import select
+
+    while data:
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        except OSError:
+            return
+        data = data[n:]
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def sd_notify(address: str, message: str) -> None:
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(address)
+        s.sendall(message.encode())
+
+
+# --- what mctl calls ---------------------------------------------------------------------------
+
+def acquire(name: str) -> state.Lock:
+    """The machine's lock for starting it; a clear error when it runs or is busy."""
+    lock = state.try_lock(name)
+    if lock is None:
+        if state.running(name) is not None:
+            die(f"Failed to start {name}: machine is already running")
+        die(f"Failed to start {name}: machine is busy (being started, stopped or changed)")
+    if state.read(name) is not None:
+        state.cleanup_stale(name)  # left by a supervisor that was killed
+    return lock
+
+
+def start_detached(plan: Plan, lock: state.Lock) -> None:
+    """Fork the supervisor into its own session; return once the machine's init runs."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            linux.set_process_name("machined-sup")
+            code = Supervisor(plan, lock, ready_fd=w).run()
+        finally:
+            os._exit(code)
+    os.close(w)
+    lock.forget()
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    msg = b"".join(chunks)
+    if msg.startswith(b"OK"):
+        return
+    if msg.startswith(b"ER"):
+        die(msg[2:].decode(errors="replace"))
+    die(f"Failed to start {plan.name}: the supervisor exited without a word")
+
+
+def run_foreground(plan: Plan, lock: state.Lock) -> int:
+    """Run the machine in this process (run verb, or start --foreground under systemd)."""
+    # On a terminal the payload gets a pty of its own, relayed; otherwise our stdio as it is.
+    attach = not plan.boot and os.isatty(0)
+    return Supervisor(plan, lock, attach=attach).run()
+
+
+def kill_leftovers(data: dict[str, object]) -> None:
+    """SIGKILL the machine's init and anything still in its cgroup (teardown step)."""
+    fd = state.open_process(data.get("leader"))
+    if fd is not None:
+        try:
+            linux.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+        os.close(fd)
+    cg = data.get("cgroup")
+    if not isinstance(cg, dict):
+        return
+    cgroup = cgroups.MachineCgroup.from_state(cg)
+    scope = os.path.basename(cgroup.main_dir())
+    for _ in range(50):
+        pids = cgroup.pids()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                pfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{pid}/cgroup") as f:
+                    if f"/{scope}/" in f.read():  # still ours now that the pidfd pins it
+                        linux.pidfd_send_signal(pfd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(pfd)
+        time.sleep(0.02)

@@ -1,0 +1,244 @@
+"""Shared fixtures: per-test directories, an mctl runner, cached Debian rootfs, host leak check.
+
+Every test runs mctl as a subprocess (as a user would) against its own image/config/runtime/cache
+directories, with machine names of its own, and the session checks that the host's mounts,
+cgroups, links and nft rules are the same after the suite as before it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = os.geteuid() == 0
+IN_CI = os.environ.get("CI") == "true"
+REPO = Path(__file__).resolve().parent.parent
+TEST_CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tests"))
+DEBIAN_MIRROR = os.environ.get("MACHINED_TEST_MIRROR", "http://deb.debian.org/debian")
+
+
+def require_root() -> None:
+    """Root tests fail rather than skip under CI=true: a skipped root test there proves nothing."""
+    if ROOT:
+        return
+    if IN_CI:
+        pytest.fail("this test needs root and CI=true: it must run")
+    pytest.skip("needs root (runs in CI)")  # not under CI: a developer's unprivileged run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("root") or item.get_closest_marker("slow"):
+            item.fixturenames.insert(0, "_needs_root")
+
+
+@pytest.fixture
+def _needs_root() -> None:
+    require_root()
+
+
+@dataclass
+class Env:
+    """One test's world: its own directories and names; mctl runs against them."""
+
+    base: Path
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> Path:
+        return self.base / "images"
+
+    @property
+    def config(self) -> Path:
+        return self.base / "config"
+
+    @property
+    def runtime(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def cache(self) -> Path:
+        return self.base / "cache"
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "MACHINED_IMAGE_DIR": str(self.images), "MACHINED_CONFIG_DIR": str(self.config),
+            "MACHINED_RUNTIME_DIR": str(self.runtime), "MACHINED_CACHE_DIR": str(self.cache),
+            "PYTHONPATH": str(REPO),
+        })
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(extra)
+        return env
+
+    def name(self, prefix: str = "t") -> str:
+        """A machine name no other test (or concurrent run) uses."""
+        n = f"{prefix}{os.getpid() % 10000:04d}{len(self.names)}{os.urandom(2).hex()}"
+        self.names.append(n)
+        return n
+
+    def mctl(self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "machined", *args], env=env or self.environ(), text=True,
+            capture_output=True, timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
+        return proc
+
+    def ok(self, *args: str, timeout: float = 120) -> str:
+        return self.mctl(*args, check=True, timeout=timeout).stdout
+
+    def tree(self) -> dict[str, tuple[int, int, int]]:
+        """Everything under the test's directories: path -> (mode, size, mtime_ns); to show nothing changed."""
+        result: dict[str, tuple[int, int, int]] = {}
+        for top in (self.images, self.config, self.runtime, self.cache):
+            if not top.exists():
+                continue
+            for dirpath, dirs, files in os.walk(top):
+                for f in dirs + files:
+                    p = os.path.join(dirpath, f)
+                    st = os.lstat(p)
+                    # A directory's own mtime only says an entry came and went (a lock); entries count.
+                    mtime = 0 if f in dirs else st.st_mtime_ns
+                    result[p] = (st.st_mode, st.st_size if f in files else 0, mtime)
+        return result
+
+    def running(self) -> list[str]:
+        d = self.runtime / "machines"
+        return sorted(os.listdir(d)) if d.exists() else []
+
+    def cleanup(self) -> None:
+        for name in self.running():
+            self.mctl("terminate", name, timeout=30)
+        for name in self.running():
+            # Last resort: a supervisor that does not answer.
+            statefile = self.runtime / "machines" / name / "state.json"
+            try:
+                import json
+
+                data = json.loads(statefile.read_text())
+                os.kill(int(data["supervisor"]["pid"]), signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+        time.sleep(0.05)
+        self.mctl("list")  # cleans what a killed supervisor left
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        if ROOT:
+            e.cleanup()
+        leftovers = [n for n in e.names if any(_cgroup_dirs_named(n))]
+        assert not leftovers, f"cgroups left behind for {leftovers}"
+
+
+def _cgroup_dirs_named(name: str) -> Iterator[str]:
+    for top in Path("/sys/fs/cgroup").iterdir():
+        slice_dir = top / "machine.slice"
+        if (slice_dir / f"machine-{name}.scope").exists():
+            yield str(slice_dir / f"machine-{name}.scope")
+
+
+# --- the host must look the same after the suite ------------------------------------------------
+
+def _host_snapshot() -> dict[str, object]:
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split()[4] for line in f)
+    cgroups = []
+    for top in Path("/sys/fs/cgroup").iterdir():
+        for dirpath, _dirs, _files in os.walk(top):
+            if "machine" in dirpath:
+                cgroups.append(dirpath)
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    link_names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
+    nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
+    supervisors = sorted(
+        p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "machined-sup"
+    )
+    return {"mounts": mounts, "cgroups": sorted(cgroups), "links": link_names,
+            "nft": nft.stdout if nft.returncode == 0 else "", "supervisors": supervisors}
+
+
+def _comm(pid: str) -> str:
+    """The command name of a live process ('' for a zombie: it has finished, only its reaping is left)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    if stat[stat.rindex(")") + 2] == "Z":
+        return ""
+    return stat[stat.index("(") + 1:stat.rindex(")")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_unchanged() -> Iterator[None]:
+    if not ROOT:
+        yield
+        return
+    before = _host_snapshot()
+    yield
+    after = _host_snapshot()
+    diff = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not diff, f"the test suite left the host changed: {diff}"
+
+
+# --- a cached Debian rootfs ----------------------------------------------------------------------
+
+DEBIAN_PACKAGES = ("systemd", "systemd-sysv", "dbus", "iproute2", "procps", "libpam-systemd")
+
+
+def cached_tree(key_parts: tuple[str, ...], build: object) -> Path:
+    """A directory built once by build(path) and kept under TEST_CACHE, keyed by what went into it."""
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    target = TEST_CACHE / f"{key_parts[0]}-{key}"
+    with open(TEST_CACHE / f".{key_parts[0]}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions build it once
+        if not target.exists():
+            tmp = TEST_CACHE / f".{target.name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                build(tmp)  # type: ignore[operator]
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_debian(path: Path, suite: str = "bookworm", extra: tuple[str, ...] = ()) -> None:
+    packages = ",".join(DEBIAN_PACKAGES + extra)
+    subprocess.run(
+        ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={packages}", suite, str(path), DEBIAN_MIRROR],
+        check=True, timeout=1800,
+    )
+    # An empty machine-id: the manager provides the machine's own id at boot.
+    (path / "etc/machine-id").write_text("")
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs() -> Path:
+    """A pristine Debian bookworm with systemd (cached across runs); copy it before booting."""
+    require_root()
+    return cached_tree(("debian-bookworm", "v1", DEBIAN_MIRROR, *DEBIAN_PACKAGES), build_debian)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dst)], check=True)

@@ -1,0 +1,137 @@
+"""Bad input: a one-line error, a non-zero exit, and nothing changed on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Env
+
+pytestmark = pytest.mark.root
+
+BAD_NAMES = ["", "../x", "a/b", ".hidden", "-x", "x" * 70, "a\x07b", "tab\tname"]
+
+
+def assert_clean_error(r: object, *words: str) -> None:
+    import subprocess
+
+    assert isinstance(r, subprocess.CompletedProcess)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mctl: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("verb", ["create", "start", "remove", "shell", "poweroff", "show"])
+def test_invalid_names(env: Env, name: str, verb: str) -> None:
+    before = env.tree()
+    args = [verb, name] + (["--template", "busybox"] if verb == "create" else [])
+    assert_clean_error(env.mctl(*args))
+    assert env.tree() == before
+    assert not Path("/x").exists() or verb != "create"
+
+
+def test_unknown_template(env: Env) -> None:
+    before = env.tree()
+    assert_clean_error(env.mctl("create", env.name(), "--template", "no-such-template"), "Unknown template")
+    assert env.tree() == before
+
+
+def test_missing_rootfs(env: Env) -> None:
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    shutil.rmtree(env.images / name)
+    before = env.tree()
+    assert_clean_error(env.mctl("start", name), "missing")
+    assert env.tree() == before
+    assert_clean_error(env.mctl("start", env.name()), "No machine")
+
+
+def test_second_start_refused(env: Env) -> None:
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    env.ok("start", name)
+    assert_clean_error(env.mctl("start", name), "already running")
+    assert len(env.running()) == 1
+    env.ok("poweroff", name)
+
+
+def test_concurrent_starts_give_one_machine(env: Env) -> None:
+    import subprocess
+    import sys
+
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    procs = [subprocess.Popen([sys.executable, "-m", "machined", "start", name], env=env.environ(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(30), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1, 1, 1], results
+    for code, err in results:
+        if code:
+            assert err.startswith("mctl: Failed to start") and err.count("\n") == 1, err
+    assert env.running() == [name]
+    env.ok("poweroff", name)
+
+
+@pytest.mark.parametrize("what", ["proc", "dev", "sys", "init"])
+def test_rootfs_symlinks_pointing_out(env: Env, what: str, tmp_path: Path) -> None:
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    rootfs = env.images / name
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if what == "init":
+        (rootfs / "sbin/init").unlink()
+        (rootfs / "sbin/init").symlink_to("../../../../../../../../bin/busybox")
+    else:
+        shutil.rmtree(rootfs / what)
+        (rootfs / what).symlink_to(f"../../../../../../../../{what}")
+    before = env.tree()
+    host_mounts = Path("/proc/self/mountinfo").read_text()
+    r = env.mctl("start", name)
+    assert_clean_error(r, f"/{what}" if what != "init" else "init")
+    assert env.tree() == before
+    assert Path("/proc/self/mountinfo").read_text() == host_mounts
+    assert env.running() == []
+    assert list(outside.iterdir()) == []
+    # Absolute symlinks are the rootfs's own: /proc -> /proc would loop, and is refused too.
+    if what != "init":
+        (rootfs / what).unlink()
+        (rootfs / what).symlink_to(f"/{what}")
+        assert_clean_error(env.mctl("start", name))
+        assert env.running() == []
+
+
+def test_run_directory_errors(env: Env, tmp_path: Path) -> None:
+    before = env.tree()
+    assert_clean_error(env.mctl("run", "--directory", str(tmp_path / "none"), "--", "/bin/true"), "not a directory")
+    assert_clean_error(env.mctl("run", "--directory", "/", "--", "/bin/true"), "host's root")
+    assert_clean_error(env.mctl("run", "--directory", str(tmp_path)), "no command")
+    assert env.tree() == before
+
+
+def test_bad_config_file(env: Env) -> None:
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    cfg = env.config / f"{name}.toml"
+    cfg.write_text(cfg.read_text() + "bogus_key = 1\n")
+    before = env.tree()
+    assert_clean_error(env.mctl("start", name), "bogus_key")
+    assert env.tree() == before
+    assert env.running() == []
+
+
+def test_bad_template_values(env: Env) -> None:
+    before = env.tree()
+    assert_clean_error(env.mctl("create", env.name(), "--template", "busybox", "--set", "console_login=maybe"),
+                       "console_login")
+    assert_clean_error(env.mctl("create", env.name(), "--template", "busybox", "--set", "nope=1"), "nope")
+    assert_clean_error(env.mctl("create", env.name(), "--template", "busybox", "--set", "noequals"))
+    assert env.tree() == before
+    assert not any(os.listdir(env.images)) if env.images.exists() else True
