@@ -129,6 +129,24 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def prewarm() -> None:
+    """Start, in the background, the RCU grace period the kernel waits for on the first cgroup
+    migration after a quiet spell (cgroup_threadgroup_rwsem): a no-op move of this process into the
+    cgroup it is in. By the time a machine's process really migrates, the wait has overlapped with
+    start-up instead of adding ~15 ms to it. Best effort: any error is ignored.
+    """
+    import _thread
+
+    def move_self() -> None:
+        try:
+            h = _scan()[0]
+            _write(os.path.join(h.base, "cgroup.procs"), str(os.getpid()))
+        except (OSError, IndexError, ValueError):
+            pass
+
+    _thread.start_new_thread(move_self, ())
+
+
 def scope_name(name: str) -> str:
     return f"machine-{name}.scope"
 

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 
+def cast(typ: str, value: object) -> argparse.ArgumentParser:
+    return value  # type: ignore[return-value]  # typing.cast without importing typing
+
+
 def _fmt_time(ts: object) -> str:
     import time
 
@@ -291,20 +295,52 @@ def verb_remove(a: argparse.Namespace) -> int:
 
 # --- parser ------------------------------------------------------------------------------------
 
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        # argparse would import shutil (and with it bz2, lzma) just to learn the terminal width.
+        try:
+            width = os.get_terminal_size().columns
+        except OSError:
+            width = 80
+        super().__init__(prog, width=max(40, width - 2))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise MachinedError(f"Invalid arguments: {message}", hint=f"'{self.prog} --help'")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mctl", description="Manage full-OS system containers (machines).")
+class _Unused:
+    """Stands in for the sub-parsers of verbs not on the command line: building all of them costs
+    milliseconds of start-up (argparse translates every help string)."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def add_mutually_exclusive_group(self, **kwargs: object) -> _Unused:
+        return self
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (only=VERB) one with just that verb's sub-parser if VERB exists."""
+    p, built = _build(only)
+    return p if built or only is None else _build(None)[0]
+
+
+def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
+    built = 0
+    p = _Parser(prog="mctl", description="Manage full-OS system containers (machines).", formatter_class=_Formatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug output")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
 
     def verb(name: str, func: Callable[[argparse.Namespace], int], help_: str,
              aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_, aliases=list(aliases))
+        nonlocal built
+        if only is not None and only != name and only not in aliases:
+            return cast("argparse.ArgumentParser", _Unused())
+        built += 1
+        sp = sub.add_parser(name, help=help_, description=help_, aliases=list(aliases), formatter_class=_Formatter)
         sp.set_defaults(func=func)
         return sp
 
@@ -382,7 +418,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = verb("remove", verb_remove, "remove machines' images and configuration", aliases=["rm"])
     sp.add_argument("names", nargs="+", metavar="NAME")
-    return p
+    return p, built
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("MACHINED_DEBUG") == "1"
     log.DEBUG = debug
     try:
-        args = parser().parse_args(argv)
+        first = next((a for a in argv if not a.startswith("-")), None)
+        helping = any(a in ("-h", "--help") for a in argv[: argv.index(first) if first else len(argv)])
+        if first in ("run", "start") and os.geteuid() == 0 and not helping:
+            from machined import cgroups
+
+            cgroups.prewarm()
+        args = parser(None if helping else first).parse_args(argv)
         if command is not None:
             if not hasattr(args, "command"):
                 log.die(f"Invalid arguments: {args.verb} takes no command after '--'")

@@ -184,11 +184,23 @@ def cleanup_stale(name: str) -> None:
 
 
 def remove_runtime_dir(name: str) -> None:
-    import shutil
-
+    """The per-machine runtime directory holds only files and sockets (no shutil on this path)."""
     d = paths.machine_runtime_dir(name)
     try:
-        shutil.rmtree(d)
+        entries = os.listdir(d)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        try:
+            os.unlink(os.path.join(d, entry))
+        except IsADirectoryError:
+            import shutil
+
+            shutil.rmtree(os.path.join(d, entry), ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(d)
     except FileNotFoundError:
         pass
 

@@ -39,7 +39,7 @@ def require_root() -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("root") or item.get_closest_marker("slow"):
+        if isinstance(item, pytest.Function) and (item.get_closest_marker("root") or item.get_closest_marker("slow")):
             item.fixturenames.insert(0, "_needs_root")
 
 
@@ -229,15 +229,17 @@ def build_debian(path: Path, suite: str = "bookworm", extra: tuple[str, ...] = (
         ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={packages}", suite, str(path), DEBIAN_MIRROR],
         check=True, timeout=1800,
     )
-    # An empty machine-id: the manager provides the machine's own id at boot.
+    # An empty machine-id: the manager provides the machine's own id at boot. No hostname of the
+    # build host's: the machine's name (set by the manager) is its hostname.
     (path / "etc/machine-id").write_text("")
+    (path / "etc/hostname").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
 def debian_rootfs() -> Path:
     """A pristine Debian bookworm with systemd (cached across runs); copy it before booting."""
     require_root()
-    return cached_tree(("debian-bookworm", "v1", DEBIAN_MIRROR, *DEBIAN_PACKAGES), build_debian)
+    return cached_tree(("debian-bookworm", "v2", DEBIAN_MIRROR, *DEBIAN_PACKAGES), build_debian)
 
 
 def copy_tree(src: Path, dst: Path) -> None:

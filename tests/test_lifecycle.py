@@ -82,7 +82,8 @@ def test_device_allowlist_enforced(env: Env) -> None:
     name = env.name()
     env.ok("create", name, "--template", "busybox")
     env.ok("start", name)
-    assert env.mctl("shell", name, "--", "sh", "-c", "echo hi > /dev/null && head -c4 /dev/urandom | wc -c").stdout.strip() == "4"
+    r = env.mctl("shell", name, "--", "sh", "-c", "echo hi > /dev/null && head -c4 /dev/urandom | wc -c")
+    assert r.stdout.strip() == "4"
     # mknod is allowed, opening a device outside the list is not (here: /dev/mem, 1:1; a loop disk, 7:0),
     # made on the rootfs (/tmp is nodev).
     r = env.mctl("shell", name, "--", "sh", "-c", "mknod /root/mem c 1 1 && head -c1 /root/mem")
@@ -116,7 +117,8 @@ def test_run_passes_exit_code_through(env: Env, tmp_path_factory: pytest.TempPat
     assert r.returncode == 7, r.stderr
     r = env.mctl("run", "--directory", str(rootfs), "--", "/bin/sh", "-c", "echo $$ $(hostname); cat /proc/1/comm")
     assert r.returncode == 0 and r.stdout.split()[0] == "1", r.stdout
-    assert env.mctl("run", "--directory", str(rootfs), "--", "sh", "-c", "kill -TERM $$; sleep 5").returncode in (0, 143)
+    r = env.mctl("run", "--directory", str(rootfs), "--", "sh", "-c", "kill -TERM $$; sleep 5")
+    assert r.returncode in (0, 143)
     r = env.mctl("run", name, "--", "/bin/sh", "-c", "echo out; echo err >&2; exit 3")
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
     r = env.mctl("run", "--directory", str(rootfs), "--", "/nonexistent")

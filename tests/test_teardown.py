@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,8 +29,9 @@ def _mounts_mentioning(text: str) -> list[str]:
     return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if text in line]
 
 
-def _state(env: Env, name: str) -> dict[str, object]:
-    return json.loads((env.runtime / "machines" / name / "state.json").read_text())
+def _state(env: Env, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((env.runtime / "machines" / name / "state.json").read_text())
+    return data
 
 
 def _wait(cond: object, timeout: float = 5.0) -> bool:
@@ -53,8 +55,8 @@ def test_supervisor_killed_leaves_nothing_after_next_call(env: Env) -> None:
     env.ok("create", name, "--template", "busybox")
     env.ok("start", name)
     data = _state(env, name)
-    sup = data["supervisor"]["pid"]  # type: ignore[index]
-    leader = data["leader"]["pid"]  # type: ignore[index]
+    sup = data["supervisor"]["pid"]
+    leader = data["leader"]["pid"]
     os.kill(sup, signal.SIGKILL)
     # The machine dies with its supervisor (parent-death signal): no orphaned init keeps running.
     assert _wait(lambda: not os.path.exists(f"/proc/{leader}") or
@@ -71,7 +73,7 @@ def test_init_crash(env: Env) -> None:
     name = env.name()
     env.ok("create", name, "--template", "busybox")
     env.ok("start", name)
-    leader = _state(env, name)["leader"]["pid"]  # type: ignore[index]
+    leader = _state(env, name)["leader"]["pid"]
     os.kill(leader, signal.SIGKILL)  # init dies: the whole machine ends
     assert _wait(lambda: env.running() == [])
     assert_nothing_left(env, name)
@@ -95,7 +97,7 @@ def test_stale_state_is_cleaned_by_start(env: Env) -> None:
     env.ok("create", name, "--template", "busybox")
     env.ok("start", name)
     data = _state(env, name)
-    os.kill(data["supervisor"]["pid"], signal.SIGKILL)  # type: ignore[index]
+    os.kill(data["supervisor"]["pid"], signal.SIGKILL)
     time.sleep(0.2)
     env.ok("start", name)  # start itself cleans up and starts anew
     assert env.running() == [name]
