@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 
 ROOT = os.geteuid() == 0
+# Everything this test session creates on the host (machine names, links, netns, nft tables) carries
+# this token, so concurrent sessions on one machine neither collide nor see each other's objects.
+TOKEN = os.environ.get("MACHINED_TEST_TOKEN") or os.urandom(2).hex()
 IN_CI = os.environ.get("CI") == "true"
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tests"))
@@ -83,10 +86,14 @@ class Env:
         return env
 
     def name(self, prefix: str = "t") -> str:
-        """A machine name no other test (or concurrent run) uses."""
-        n = f"{prefix}{os.getpid() % 10000:04d}{len(self.names)}{os.urandom(2).hex()}"
+        """A machine name no other test (or concurrent run) uses; it contains TOKEN."""
+        n = f"{prefix}{TOKEN}{os.urandom(3).hex()}"
         self.names.append(n)
         return n
+
+    def ifname(self, prefix: str = "b") -> str:
+        """A network interface (or bridge, netns) name of at most 15 characters containing TOKEN."""
+        return f"{prefix}{TOKEN}{os.urandom(2).hex()}"[:15]
 
     def mctl(self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -159,21 +166,24 @@ def _cgroup_dirs_named(name: str) -> Iterator[str]:
 # --- the host must look the same after the suite ------------------------------------------------
 
 def _host_snapshot() -> dict[str, object]:
+    """What this session may leave on the host: everything carrying its TOKEN."""
     with open("/proc/self/mountinfo") as f:
-        mounts = sorted(line.split()[4] for line in f)
+        mounts = sorted(line.split()[4] for line in f if TOKEN in line)
     cgroups = []
     for top in Path("/sys/fs/cgroup").iterdir():
         for dirpath, _dirs, _files in os.walk(top):
-            if "machine" in dirpath:
+            if TOKEN in dirpath:
                 cgroups.append(dirpath)
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    link_names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
+    link_names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if TOKEN in line)
     nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
+    nft_lines = [line.strip() for line in nft.stdout.splitlines() if TOKEN in line] if nft.returncode == 0 else []
+    netns = sorted(n for n in os.listdir("/run/netns") if TOKEN in n) if os.path.isdir("/run/netns") else []
     supervisors = sorted(
-        p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "machined-sup"
+        p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "machined-sup" and TOKEN in _cmdline(p)
     )
-    return {"mounts": mounts, "cgroups": sorted(cgroups), "links": link_names,
-            "nft": nft.stdout if nft.returncode == 0 else "", "supervisors": supervisors}
+    return {"mounts": mounts, "cgroups": sorted(cgroups), "links": link_names, "nft": nft_lines,
+            "netns": netns, "supervisors": supervisors}
 
 
 def _comm(pid: str) -> str:
@@ -186,6 +196,14 @@ def _comm(pid: str) -> str:
     if stat[stat.rindex(")") + 2] == "Z":
         return ""
     return stat[stat.index("(") + 1:stat.rindex(")")]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @pytest.fixture(scope="session", autouse=True)
