@@ -154,20 +154,22 @@ def scope_name(name: str) -> str:
 class MachineCgroup:
     """The scope directories of one machine, one per hierarchy; serialisable into the state file."""
 
-    def __init__(self, layout: str, dirs: dict[str, str], keys: dict[str, str]) -> None:
+    def __init__(self, layout: str, dirs: dict[str, str], keys: dict[str, str], delegated: bool = False) -> None:
         self.layout = layout
         self.dirs = dirs  # mountpoint -> scope directory
         self.keys = keys  # mountpoint -> hierarchy key as in /proc/PID/cgroup
+        # The scope is a systemd unit delegated to us: systemd removes it, we only what we made inside.
+        self.delegated = delegated
 
     def to_state(self) -> dict[str, object]:
-        return {"layout": self.layout, "dirs": self.dirs, "keys": self.keys}
+        return {"layout": self.layout, "dirs": self.dirs, "keys": self.keys, "delegated": self.delegated}
 
     @classmethod
     def from_state(cls, data: dict[str, object]) -> MachineCgroup:
         dirs, keys = data.get("dirs"), data.get("keys")
         assert isinstance(dirs, dict) and isinstance(keys, dict)
         return cls(str(data.get("layout")), {str(k): str(v) for k, v in dirs.items()},
-                   {str(k): str(v) for k, v in keys.items()})
+                   {str(k): str(v) for k, v in keys.items()}, bool(data.get("delegated")))
 
     def payload_dirs(self) -> Iterator[str]:
         for d in self.dirs.values():
@@ -222,6 +224,10 @@ class MachineCgroup:
     def remove(self, timeout: float = 5.0) -> None:
         """Remove every directory of the machine, deepest first; processes may need a moment to go."""
         deadline = time.monotonic() + timeout
+        if self.delegated:
+            for d in self.payload_dirs():
+                _rmtree_cgroup(d, deadline)
+            return
         for d in self.dirs.values():
             _rmtree_cgroup(d, deadline)
         for d in self.dirs.values():
@@ -320,12 +326,14 @@ def _enable_v2_controllers(*chain: str) -> None:
             return  # a non-root cgroup with processes of its own cannot delegate (no internal processes rule)
 
 
-def mount_in_container(sys_fs_cgroup: str, which: str) -> None:
+def mount_in_container(sys_fs_cgroup: str, which: str, nesting: bool = False) -> None:
     """Mount the container's view of cgroupfs; must run after joining payload and unsharing the cgroup ns.
 
     v2: one cgroup2 mount, writable (the guest owns its subtree). v1: a tmpfs with each hierarchy,
     controllers read-only, the name=systemd and unified trees writable for the guest's init, as
-    systemd-nspawn does on a hybrid host.
+    systemd-nspawn does on a hybrid host. With nesting the controllers are writable too (like LXC's
+    cgroup:rw): the guest's own subtree only, as its cgroup namespace shows nothing above it, and
+    the limits on the machine's scope, outside that subtree, still bound whatever it sets.
     """
     from machined import linux
 
@@ -342,7 +350,7 @@ def mount_in_container(sys_fs_cgroup: str, which: str) -> None:
             continue
         target = os.path.join(sys_fs_cgroup, h.dirname)
         os.mkdir(target)
-        writable = not h.controllers
+        writable = nesting or not h.controllers
         linux.mount("cgroup", target, "cgroup", nosuid | (0 if writable else linux.MS_RDONLY), h.options)
         if len(h.controllers) > 1:
             for c in h.controllers:

@@ -285,6 +285,14 @@ def verb_kill(a: argparse.Namespace) -> int:
     return 0
 
 
+def verb_enable(a: argparse.Namespace) -> int:
+    from machined import systemd
+
+    for name in a.names:
+        systemd.enable(name, a.verb == "enable")
+    return 0
+
+
 def verb_remove(a: argparse.Namespace) -> int:
     from machined import store
 
@@ -415,6 +423,11 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("-s", "--signal", default="SIGTERM")
     sp.add_argument("--kill-whom", choices=("leader", "all"), default="all")
+
+    for name, help_ in (("enable", "start machines at boot (machined@NAME.service in machines.target)"),
+                        ("disable", "no longer start machines at boot")):
+        sp = verb(name, verb_enable, help_)
+        sp.add_argument("names", nargs="+", metavar="NAME")
 
     sp = verb("remove", verb_remove, "remove machines' images and configuration", aliases=["rm"])
     sp.add_argument("names", nargs="+", metavar="NAME")

@@ -51,6 +51,14 @@ class Network:
 class Resources:
     memory_max: int | None = None
     tasks_max: int | None = None
+    cpu_weight: int | None = None  # 1..10000, systemd's CPUWeight=
+    cpu_quota: int | None = None   # percent of one CPU, systemd's CPUQuota=
+
+    def validate(self) -> None:
+        if self.cpu_weight is not None and not 1 <= self.cpu_weight <= 10000:
+            raise ValueError("resources.cpu_weight must be between 1 and 10000")
+        if self.cpu_quota == 0:
+            raise ValueError("resources.cpu_quota must be a positive percentage")
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class MachineConfig:
     init: str = "/sbin/init"
     read_only: bool = False
     kill_timeout: float = 30.0  # seconds a poweroff may take before the machine is killed
+    bind: tuple[str, ...] = ()  # host paths bound into the machine: "/host/path[:/guest/path[:ro|rw]]"
+    nesting: bool = False       # the machine may run container managers (systemd, mctl) of its own
     network: Network = field(default_factory=Network)
     resources: Resources = field(default_factory=Resources)
     devices: Devices = field(default_factory=Devices)
@@ -81,7 +91,11 @@ class MachineConfig:
         if self.kill_timeout <= 0:
             raise ValueError("kill_timeout must be positive")
         self.network.validate()
-        from machined import devices
+        self.resources.validate()
+        from machined import binds, devices
+
+        for entry in self.bind:
+            binds.parse(entry)
 
         for rule in self.devices.allow:
             devices.Rule.parse(rule)

@@ -19,9 +19,10 @@ SIGNALS: dict[str, tuple[int, int, int]] = {
 
 # What an init prints once its shutdown is complete and only the final reboot(2) remains. BusyBox
 # init then sleeps a second "for serial consoles"; our console is a pty drained continuously, so a
-# supervisor stopping the machine need not wait for that.
+# supervisor stopping the machine need not wait for that. (A reboot counts while stopping: busybox
+# init reboots on the SIGTERM that stopping a systemd scope sends to every process in it.)
 FINAL_WORDS: dict[str, tuple[bytes, ...]] = {
-    "busybox": (b"Requesting system poweroff", b"Requesting system halt"),
+    "busybox": (b"Requesting system poweroff", b"Requesting system halt", b"Requesting system reboot"),
 }
 
 

@@ -52,6 +52,7 @@ SYS_setns = {"x86_64": 308, "aarch64": 268}[os.uname().machine]
 SYS_pidfd_send_signal = 424
 SYS_pidfd_open = 434
 SYS_openat2 = 437
+SYS_mount_setattr = 442
 
 _libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
@@ -126,6 +127,24 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     return _check(_libc.syscall(SYS_openat2, ctypes.c_int(dirfd), _b(path), ctypes.byref(how),
                                 ctypes.c_size_t(ctypes.sizeof(how))), path)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+MOUNT_ATTR_RDONLY = 0x1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+
+
+def mount_setattr(fd: int, attr_set: int, recursive: bool = False) -> None:
+    """Set mount attributes on the mount fd refers to (and, recursive, on every mount below it)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    _check(_libc.syscall(SYS_mount_setattr, ctypes.c_int(fd), b"", ctypes.c_uint(flags), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))))
 
 
 class _CapHeader(ctypes.Structure):

@@ -204,10 +204,10 @@ def setup_proc(root_fd: int, inaccessible: str, private_network: bool) -> None:
         os.close(pfd)
 
 
-def setup_sys(root_fd: int, cgroup_layout: str) -> None:
+def setup_sys(root_fd: int, cgroup_layout: str, nesting: bool = False) -> None:
     fd = _mount_api(root_fd, "sys", "/sys", "sysfs", "sysfs", linux.MS_RDONLY | NOSUID_NODEV_NOEXEC)
     try:
-        cgroups.mount_in_container(fdpath(fd) + "/fs/cgroup", cgroup_layout)
+        cgroups.mount_in_container(fdpath(fd) + "/fs/cgroup", cgroup_layout, nesting)
     finally:
         os.close(fd)
 

@@ -9,6 +9,7 @@ empty cgroup, a state file) that the next mctl call recognises by the free lock 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import signal
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import socket
     from typing import Any
 
+    from machined import systemd
     from machined.config import MachineConfig
 
 LOG_MAX = 1 << 20
@@ -87,6 +89,10 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
     if boot:
         mounts.check_init(rootfs, cfg.init)
     rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)
+    if cfg.bind:
+        from machined import binds
+
+        binds.check(cfg.name, [binds.parse(b) for b in cfg.bind])
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
                 init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
                 rules=rules, kill_timeout=cfg.kill_timeout, config=cfg)
@@ -100,6 +106,7 @@ class Supervisor:
         self.attach = attach            # foreground: console relayed to our own stdio (run on a tty)
         self.rundir = paths.machine_runtime_dir(plan.name)
         self.cgroup: cgroups.MachineCgroup | None = None
+        self.unit: systemd.Delegation | None = None  # the machine's systemd unit and registration
         self.child: spawn.Child | None = None
         self.master = -1
         self.slave = -1
@@ -115,6 +122,7 @@ class Supervisor:
         self.data: dict[str, object] = {"name": plan.name}
         self.saved_tty: list[Any] | None = None
         self.console_tail = b""
+        self.final_words = False
         self.console_path = ""
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -126,6 +134,8 @@ class Supervisor:
             while True:
                 self.child = spawn.spawn(self._spec())
                 self.boots += 1
+                if self.unit is not None:
+                    self.unit.register(self.child.pid)
                 self._write_state()
                 self._report_ready()
                 status = self._loop()
@@ -134,7 +144,10 @@ class Supervisor:
                 if self._is_reboot(status) and not self.stopping:
                     self._log(f"\r\n[machined: {self.plan.name} reboots]\r\n".encode())
                     continue
-                code = _exit_code(status)
+                # A booted machine that powered off or halted (reboot(2): SIGINT; or killed once
+                # its init said its final words) ended well: for a service unit, that is success.
+                code = 0 if self.plan.boot and (self.final_words or _signalled(status, signal.SIGINT)) \
+                    else _exit_code(status)
                 break
         except MachinedError as e:
             self._report_error(str(e))
@@ -156,7 +169,13 @@ class Supervisor:
             "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
             "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
         })
-        self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
+        from machined import systemd
+
+        if systemd.available():
+            self.unit = systemd.Delegation(self.plan, self.data)
+            self.cgroup = self.unit.create()
+        else:
+            self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -194,12 +213,18 @@ class Supervisor:
             os.close(self.slave)
             self.slave = os.open(self.console_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         console = self.console_path if self.slave >= 0 else None
-        return spawn.Spec(
+        cfg = self.plan.config
+        spec = spawn.Spec(
             name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
             boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
             machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
-            console=console, bind_machine_id=self.plan.init_kind != "systemd",
+            console=console, bind_machine_id=self.plan.init_kind != "systemd", nesting=bool(cfg and cfg.nesting),
         )
+        if cfg and cfg.bind:
+            from machined import binds  # imported here, in the parent: the child may not import
+
+            spec.in_child.append(functools.partial(binds.mount_all, binds=[binds.parse(b) for b in cfg.bind]))
+        return spec
 
     def _write_state(self) -> None:
         assert self.child is not None
@@ -230,7 +255,7 @@ class Supervisor:
 
     def _is_reboot(self, status: int) -> bool:
         # reboot(2) by a pid namespace's init ends it with SIGHUP (restart) or SIGINT (power off, halt).
-        return self.plan.boot and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP
+        return self.plan.boot and _signalled(status, signal.SIGHUP)
 
     # --- event loop --------------------------------------------------------------------------
 
@@ -321,6 +346,7 @@ class Supervisor:
             return
         self.console_tail = (self.console_tail + data)[-512:]
         if any(w in self.console_tail for w in words):
+            self.final_words = True
             self._signal_leader(signal.SIGKILL)
 
     def _drain_console(self) -> None:
@@ -438,6 +464,8 @@ class Supervisor:
         self._drop_client()
         if self.listener is not None:
             self.listener.close()
+        if self.unit is not None:
+            self.unit.close()
         state.teardown(self.data)
         state.remove_runtime_dir(self.plan.name)
         for fd in (self.master, self.slave, self.log_fd, self.wake_r, self.wake_w):
@@ -464,6 +492,10 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def _signalled(status: int, sig: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
 
 
 def _exit_code(status: int) -> int:

@@ -1,0 +1,458 @@
+"""systemd integration over the system bus (dbus-fast, asyncio), as systemd-nspawn does it.
+
+Where PID 1 is systemd (/run/systemd/system exists; MACHINED_SYSTEMD=no forces the cgroupfs path),
+the supervisor of a machine:
+  - moves itself into machine-NAME.scope, a transient scope in machine.slice made with
+    StartTransientUnit (Delegate=yes, DevicePolicy=closed + DeviceAllow=, the machine's limits);
+    also when machined@NAME.service runs it, whose main process it stays;
+  - keeps itself in the scope's 'supervisor' sub-cgroup and the machine in 'payload', the root of the
+    machine's cgroup namespace (a delegated cgroup must not have processes of its own where it has
+    children);
+  - registers the machine with systemd-machined once its init runs (RegisterMachineWithNetwork),
+    and again with the new init after a reboot, so machinectl, systemd-cgls and journalctl -M see it;
+  - unregisters it and lets go of the scope (AbandonScope, UnrefUnit) when the machine ends.
+A supervisor killed with SIGKILL leaves a scope that empties with it (the machine dies with its
+supervisor) and a registration that machined drops with the scope; the next mctl call (TEARDOWN
+step "systemd") kills whatever is left in the scope, unregisters the machine if it is still ours
+and waits until the unit is gone, so the name is free for the next start.
+
+dbus_fast, and asyncio with it, is imported on this path only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from machined import cgroups
+from machined.log import MachinedError, fail
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Coroutine, Iterable
+    from typing import Any
+
+    from machined.devices import Rule
+    from machined.supervisor import Plan
+
+DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")
+MACHINED = ("org.freedesktop.machine1", "/org/freedesktop/machine1", "org.freedesktop.machine1.Manager")
+PROPERTIES = "org.freedesktop.DBus.Properties"
+TIMEOUT = 25.0  # sd-bus's default for a method call
+SUPERVISOR = "supervisor"
+JOB_REMOVED = ("type='signal',sender='org.freedesktop.systemd1',path='/org/freedesktop/systemd1',"
+               "interface='org.freedesktop.systemd1.Manager',member='JobRemoved'")
+
+
+def available() -> bool:
+    """Whether machines are delegated to systemd: PID 1 is systemd, unless MACHINED_SYSTEMD=no."""
+    if os.environ.get("MACHINED_SYSTEMD", "").lower() in ("0", "no", "false", "off"):
+        return False
+    return os.path.isdir("/run/systemd/system")
+
+
+def escape(name: str) -> str:
+    """systemd's unit_name_escape(): a machine name as part of a unit name ('a-b' -> 'a\\x2db')."""
+    out = []
+    for i, c in enumerate(name):
+        if c == "/":
+            out.append("-")
+        elif c in "-\\" or (c == "." and i == 0) or not (c.isascii() and (c.isalnum() or c in ":_.")):
+            out.extend(f"\\x{b:02x}" for b in c.encode())
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def scope_unit(name: str) -> str:
+    return f"machine-{escape(name)}.scope"
+
+
+def service_unit(name: str) -> str:
+    return f"machined@{escape(name)}.service"
+
+
+def device_allow(rules: Iterable[Rule]) -> list[list[str]]:
+    """DeviceAllow= entries for an allowlist: /dev/char/MAJ:MIN (systemd parses these without a
+    device node), char-NAME for a whole major by its /proc/devices name, char-* for any."""
+    result = []
+    for rule in rules:
+        for kind in ("c", "b") if rule.kind == "a" else (rule.kind,):
+            group = "char" if kind == "c" else "block"
+            if rule.major is None and rule.minor is None:
+                spec = f"{group}-*"
+            elif rule.major is None:
+                fail(f"allow devices {rule}", "systemd's DeviceAllow= cannot name a minor of any major")
+            elif rule.minor is None:
+                spec = f"{group}-{_major_name(group, rule.major, rule)}"
+            else:
+                spec = f"/dev/{group}/{rule.major}:{rule.minor}"
+            result.append([spec, rule.access])
+    return result
+
+
+def _major_name(group: str, major: int, rule: Rule) -> str:
+    section = "Character devices:" if group == "char" else "Block devices:"
+    current = ""
+    with open("/proc/devices") as f:
+        for line in f:
+            line = line.strip()
+            if line.endswith(":"):
+                current = line
+            elif current == section and line.split()[0] == str(major):
+                return line.split()[1]
+    fail(f"allow devices {rule}", f"major {major} is not in /proc/devices, so systemd's DeviceAllow= cannot name it")
+
+
+def unit_properties(plan: Plan) -> list[tuple[str, str, Any]]:
+    """The machine's device policy and limits as unit properties (name, D-Bus signature, value)."""
+    props: list[tuple[str, str, Any]] = [("DevicePolicy", "s", "closed"),
+                                         ("DeviceAllow", "a(ss)", device_allow(plan.rules))]
+    res = plan.config.resources if plan.config else None
+    if res is not None:
+        for key, sig, value in (("MemoryMax", "t", res.memory_max), ("TasksMax", "t", res.tasks_max),
+                                ("CPUWeight", "t", res.cpu_weight),
+                                ("CPUQuotaPerSecUSec", "t", None if res.cpu_quota is None else res.cpu_quota * 10000)):
+            if value is not None:
+                props.append((key, sig, value))
+    return props
+
+
+class CallError(Exception):
+    """An error reply: its D-Bus error name and text."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(text)
+        self.name = name
+
+
+class Bus:
+    """One connection to the system bus, used blocking: each call runs the private event loop until
+    its reply (signals wanted meanwhile are kept). Nothing runs the loop between calls, so the
+    connection subscribes to nothing it does not wait for."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        import dbus_fast
+        from dbus_fast.aio import MessageBus
+
+        self._asyncio = asyncio
+        self._dbus = dbus_fast
+        self.loop = asyncio.new_event_loop()
+        self.jobs: dict[str, str] = {}   # job path -> result, from JobRemoved
+        self.job_done = asyncio.Event()
+
+        async def connect() -> Any:
+            return await MessageBus(bus_type=dbus_fast.BusType.SYSTEM).connect()
+
+        try:
+            self.bus = self._run(connect())
+        except (OSError, TimeoutError, dbus_fast.errors.DBusFastError) as e:
+            self.loop.close()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
+            raise MachinedError(f"Failed to connect to the system bus at {address}: {reason}",
+                                hint="is dbus running?") from None
+        self.bus.add_message_handler(self._on_message)
+
+    def _run(self, coro: Coroutine[Any, Any, Any], timeout: float = TIMEOUT) -> Any:
+        try:
+            return self.loop.run_until_complete(self._asyncio.wait_for(coro, timeout))
+        except TimeoutError:
+            raise TimeoutError(f"no answer within {timeout:.0f} s") from None
+
+    def call(self, target: tuple[str, str, str], member: str, signature: str = "", body: Iterable[Any] = (),
+             path: str | None = None) -> list[Any]:
+        """Call a method; its reply's body, or CallError with the error's name and text."""
+        dest, default_path, interface = target
+        msg = self._dbus.Message(destination=dest, path=path or default_path, interface=interface, member=member,
+                                 signature=signature, body=list(body))
+        try:
+            reply = self._run(self.bus.call(msg))
+        except (OSError, EOFError, self._dbus.errors.DBusFastError) as e:
+            raise CallError("org.freedesktop.DBus.Error.Disconnected", str(e) or type(e).__name__) from None
+        except TimeoutError as e:
+            raise CallError("org.freedesktop.DBus.Error.Timeout", str(e)) from None
+        if reply.message_type == self._dbus.MessageType.ERROR:
+            raise CallError(reply.error_name or "", str(reply.body[0]) if reply.body else reply.error_name or "")
+        return list(reply.body)
+
+    def get(self, target: tuple[str, str, str], path: str, interface: str, prop: str) -> Any:
+        return self.call((target[0], path, PROPERTIES), "Get", "ss", [interface, prop])[0].value
+
+    def variants(self, props: Iterable[tuple[str, str, Any]]) -> list[list[Any]]:
+        return [[key, self._dbus.Variant(sig, value)] for key, sig, value in props]
+
+    def _on_message(self, msg: Any) -> None:
+        if msg.member == "JobRemoved" and msg.interface == SYSTEMD[2] and len(msg.body) == 4:
+            self.jobs[msg.body[1]] = msg.body[3]
+            self.job_done.set()
+
+    async def _job_result(self, job: str) -> str:
+        while job not in self.jobs:
+            self.job_done.clear()
+            await self.job_done.wait()
+        return self.jobs.pop(job)
+
+    def start_transient(self, unit: str, props: list[tuple[str, str, Any]]) -> None:
+        """StartTransientUnit, waiting for its job (JobRemoved: the match is added before the call,
+        since the signal may come before the reply)."""
+        self.call(DBUS, "AddMatch", "s", [JOB_REMOVED])
+        try:
+            job = self.call(SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                            [unit, "fail", self.variants(props), []])[0]
+            try:
+                result = self._run(self._job_result(job))
+            except TimeoutError as e:
+                raise CallError("org.freedesktop.DBus.Error.Timeout", f"its start job: {e}") from None
+            if result != "done":
+                raise CallError("org.freedesktop.systemd1.JobFailed", f"its start job ended '{result}'")
+        finally:
+            try:
+                self.call(DBUS, "RemoveMatch", "s", [JOB_REMOVED])
+            except CallError:
+                pass
+
+    def close(self) -> None:
+        self.bus.disconnect()
+        try:
+            self.loop.run_until_complete(self._asyncio.wait_for(self.bus.wait_for_disconnect(), 1.0))
+        except Exception:  # noqa: BLE001 - closing: whatever the bus says now does not matter
+            pass
+        self.loop.close()
+
+
+def _reason(e: CallError) -> str:
+    hints = {
+        "org.freedesktop.DBus.Error.ServiceUnknown": " (is systemd-container installed?)",
+        "org.freedesktop.DBus.Error.AccessDenied": " (permission denied: run as root)",
+        "org.freedesktop.machine1.MachineExists": " (a machine of that name is registered already; "
+                                                  "'machinectl terminate' it or choose another name)",
+        "org.freedesktop.systemd1.UnitExists": " (a unit of that name exists already)",
+    }
+    return f"{e}{hints.get(e.name, '')}"
+
+
+def _own_unit() -> str:
+    """The unit whose cgroup this process is in directly (systemd's hierarchy, else v2)."""
+    paths = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, keys, path = line.rstrip("\n").split(":", 2)
+            paths[keys] = path
+    return os.path.basename(paths.get("name=systemd") or paths.get("", ""))
+
+
+class Delegation:
+    """The machine's systemd unit and registration, held by its supervisor for the machine's life.
+
+    Recorded in the state as "systemd": {unit, owned (the scope is ours to remove), registered, id}.
+    """
+
+    def __init__(self, plan: Plan, data: dict[str, object]) -> None:
+        self.plan = plan
+        self.name = plan.name
+        self.data = data
+        self.info: dict[str, object] = {"unit": "", "owned": False, "registered": False, "id": plan.machine_id}
+        self.bus = Bus()
+
+    def create(self) -> cgroups.MachineCgroup:
+        """Create the machine's scope with this process in it; its cgroup, delegated, with payload ready."""
+        unit = scope_unit(self.name)
+        self.info.update(unit=unit, owned=True)
+        self.data["systemd"] = self.info  # before the scope exists: a crash from now on leaves it to clean
+        props = [
+            ("Description", "s", f"Machine {self.name}"), ("Slice", "s", "machine.slice"),
+            ("Delegate", "b", True), ("CollectMode", "s", "inactive-or-failed"), ("AddRef", "b", True),
+            ("PIDs", "au", [os.getpid()]),
+            # Stopping the scope (machinectl terminate, shutdown) signals the supervisor too, which then
+            # powers the machine off: give that its time before systemd kills what is left.
+            ("TimeoutStopUSec", "t", int((self.plan.kill_timeout + 10) * 1e6)),
+        ]
+        service = service_unit(self.name)
+        if _own_unit() == service:
+            # Run by machined@NAME.service: at shutdown the service (whose stop is a clean poweroff)
+            # goes before the scope, which would otherwise signal every process of the machine.
+            props.append(("Before", "as", [service]))
+        try:
+            self.bus.start_transient(unit, props + unit_properties(self.plan))
+        except CallError as e:
+            fail(f"create scope {unit}", _reason(e))
+        return _adopt(self.name, unit)
+
+    def register(self, leader: int) -> None:
+        """Register the machine with systemd-machined; after a reboot, again with the new init."""
+        if self.info["registered"]:
+            self._unregister()
+        ifindices = _ifindices(self.data.get("interfaces"))
+        try:
+            self.bus.call(MACHINED, "RegisterMachineWithNetwork", "sayssusai",
+                          [self.name, bytes.fromhex(self.plan.machine_id), "machined", "container", leader,
+                           self.plan.rootfs, ifindices])
+        except CallError as e:
+            fail(f"register {self.name} with systemd-machined", _reason(e))
+        self.info["registered"] = True
+
+    def _unregister(self) -> None:
+        try:
+            self.bus.call(MACHINED, "UnregisterMachine", "s", [self.name])
+        except CallError:
+            pass  # gone already
+        self.info["registered"] = False
+
+    def close(self) -> None:
+        """The supervisor's teardown: unregister, let go of the scope (it goes once we exit)."""
+        try:
+            if self.info["registered"]:
+                self._unregister()
+            if self.info["owned"]:
+                for member in ("AbandonScope", "UnrefUnit"):
+                    try:
+                        self.bus.call(SYSTEMD, member, "s", [self.info["unit"]])
+                    except CallError:
+                        pass
+        finally:
+            self.bus.close()
+            self.data.pop("systemd", None)
+
+
+def _adopt(name: str, unit: str) -> cgroups.MachineCgroup:
+    """Now that systemd has put us in unit: its 'supervisor' sub-cgroup for us, 'payload' for the machine."""
+    which = cgroups.layout()
+    cg = cgroups.MachineCgroup(which, {}, {}, delegated=True)
+    unified = []
+    for h in cgroups.hierarchies(which):
+        if os.path.basename(h.base) != unit:
+            continue  # a v1 controller systemd does not manage: the machine shares ours there
+        cg.dirs[h.mountpoint] = h.base
+        cg.keys[h.mountpoint] = h.key
+        if h.version == 2:
+            unified.append(h.base)
+    if not cg.dirs:
+        fail(f"set up the cgroup of {name}", f"systemd did not put the supervisor into {unit}")
+    try:
+        for d in cg.dirs.values():
+            for sub in (SUPERVISOR, cgroups.PAYLOAD):
+                os.makedirs(os.path.join(d, sub), exist_ok=True)
+            with open(os.path.join(d, SUPERVISOR, "cgroup.procs"), "w") as f:
+                f.write("0")
+        for d in unified:
+            cgroups._enable_v2_controllers(d)  # the unit has no processes of its own now: hand controllers down
+    except OSError as e:
+        fail(f"set up the cgroup of {name} in {unit}", e)
+    return cg
+
+
+def _ifindices(interfaces: object) -> list[int]:
+    """Host-side interface indices of the machine's links (state 'interfaces': names or indices)."""
+    import socket
+
+    result = []
+    for item in interfaces if isinstance(interfaces, list) else []:
+        try:
+            result.append(item if isinstance(item, int) else socket.if_nametoindex(str(item)))
+        except OSError:
+            continue
+    return result
+
+
+def teardown(data: dict[str, object]) -> None:
+    """TEARDOWN step for a supervisor that died: kill what is left in its scope, unregister the
+    machine if the registration is still ours, and wait until the scope is gone."""
+    info = data.get("systemd")
+    if not isinstance(info, dict):
+        return
+    name, unit = str(data.get("name")), str(info.get("unit") or "")
+    bus = Bus()
+    try:
+        if info.get("registered"):
+            _unregister_if_ours(bus, name, str(info.get("id")))
+        if info.get("owned") and unit:
+            for member, sig, body in (("AbandonScope", "s", [unit]), ("KillUnit", "ssi", [unit, "all", signal.SIGKILL]),
+                                      ("UnrefUnit", "s", [unit])):
+                try:
+                    bus.call(SYSTEMD, member, sig, body)
+                except CallError:
+                    pass
+            _wait_unit_gone(bus, unit)
+    finally:
+        bus.close()
+
+
+def _unregister_if_ours(bus: Bus, name: str, machine_id: str) -> None:
+    try:
+        path = bus.call(MACHINED, "GetMachine", "s", [name])[0]
+        if bytes(bus.get(MACHINED, path, "org.freedesktop.machine1.Machine", "Id")).hex() == machine_id:
+            bus.call(MACHINED, "UnregisterMachine", "s", [name])
+    except CallError:
+        pass  # no such machine (any more)
+
+
+def _wait_unit_gone(bus: Bus, unit: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            path = bus.call(SYSTEMD, "GetUnit", "s", [unit])[0]
+            if bus.get(SYSTEMD, path, "org.freedesktop.systemd1.Unit", "ActiveState") == "failed":
+                bus.call(SYSTEMD, "ResetFailedUnit", "s", [unit])
+        except CallError as e:
+            if e.name == "org.freedesktop.systemd1.NoSuchUnit":
+                return
+        time.sleep(0.01)
+    fail(f"clean up {unit}", f"it is still there after {timeout:.0f} s")
+
+
+# --- mctl enable / disable ----------------------------------------------------------------------
+
+UNIT_PATH = ("/etc/systemd/system", "/usr/local/lib/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+
+
+def enable_dir() -> str:
+    """Where enabling links go, as with systemctl enable (MACHINED_ENABLE_DIR overrides it for tests)."""
+    return os.environ.get("MACHINED_ENABLE_DIR") or "/etc/systemd/system"
+
+
+def _template() -> str | None:
+    """The installed machined@.service: install.sh's unit directory (MACHINED_UNITDIR), then systemd's."""
+    dirs = [os.environ.get("MACHINED_UNITDIR") or "/usr/local/lib/systemd/system", *UNIT_PATH]
+    return next((p for p in (os.path.join(d, "machined@.service") for d in dirs) if os.path.isfile(p)), None)
+
+
+def enable(name: str, on: bool) -> None:
+    """Start the machine at boot, or no longer: a machines.target.wants link to machined@NAME.service."""
+    from machined import config, paths
+    from machined.log import die
+
+    verb = "enable" if on else "disable"
+    paths.check_name(name)
+    template = _template()
+    if on:
+        if not config.exists(name) and not os.path.isdir(paths.image_path(name)):
+            die(f"No machine named {name!r}")
+        if template is None:
+            die(f"Failed to enable {name}: machined@.service is not installed", hint="run install.sh")
+    link = os.path.join(enable_dir(), "machines.target.wants", service_unit(name))
+    try:
+        if on and not (os.path.islink(link) and os.readlink(link) == template):
+            assert template is not None
+            os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+            tmp = f"{link}.tmp{os.getpid()}"
+            os.symlink(template, tmp)
+            os.replace(tmp, link)
+            print(f"Created symlink {link} \u2192 {template}.")
+        elif not on and os.path.lexists(link):
+            os.unlink(link)
+            print(f"Removed {link}.")
+    except OSError as e:
+        fail(f"{verb} {name}", e)
+    if available():
+        bus = Bus()
+        try:
+            bus.call(SYSTEMD, "Reload")
+        except CallError as e:
+            fail(f"{verb} {name}: reload systemd", _reason(e))
+        finally:
+            bus.close()
