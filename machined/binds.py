@@ -68,9 +68,9 @@ def _mount_one(root_fd: int, b: Bind) -> None:
     is_dir = stat.S_ISDIR(os.stat(b.source).st_mode)
     parent, base = os.path.split(b.target)
     if is_dir:
-        fd = mounts.resolve_dir(root_fd, b.target, create=True)
+        fd = mounts.resolve_dir(root_fd, b.target.lstrip("/"), create=True)
     else:
-        pfd = mounts.resolve_dir(root_fd, parent, create=True)
+        pfd = mounts.resolve_dir(root_fd, parent.lstrip("/"), create=True)
         try:
             try:
                 os.close(os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,

@@ -98,11 +98,11 @@ def _major_name(group: str, major: int, rule: Rule) -> str:
     current = ""
     with open("/proc/devices") as f:
         for line in f:
-            line = line.strip()
-            if line.endswith(":"):
-                current = line
-            elif current == section and line.split()[0] == str(major):
-                return line.split()[1]
+            fields = line.split()
+            if line.strip().endswith(":"):
+                current = line.strip()
+            elif current == section and len(fields) == 2 and fields[0] == str(major):
+                return fields[1]
     fail(f"allow devices {rule}", f"major {major} is not in /proc/devices, so systemd's DeviceAllow= cannot name it")
 
 

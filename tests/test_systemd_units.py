@@ -1,0 +1,125 @@
+"""The systemd side without a bus: unit names, DeviceAllow=, unit properties, the unit file, settings;
+and mctl enable/disable against directories of the test's own (on this host systemd is not PID 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from machined import binds, config, devices, systemd
+from machined.log import MachinedError
+from machined.supervisor import Plan
+from tests.conftest import REPO, Env
+from tests.test_bad_input import assert_clean_error
+
+
+@pytest.mark.parametrize(("name", "escaped"), [
+    ("web", "web"), ("web-01", "web\\x2d01"), ("deb_12.box", "deb_12.box"), ("a\\b", "a\\x5cb"),
+    (".x", "\\x2ex"), ("a/b", "a-b"), ("é", "\\xc3\\xa9"),
+])
+def test_unit_name_escape_like_systemd(name: str, escaped: str) -> None:
+    assert systemd.escape(name) == escaped
+
+
+def test_unit_names() -> None:
+    assert systemd.scope_unit("a-b") == "machine-a\\x2db.scope"
+    assert systemd.service_unit("a-b") == "machined@a\\x2db.service"
+
+
+def test_device_allow_for_the_default_list() -> None:
+    allow = systemd.device_allow(devices.DEFAULT)
+    assert ["/dev/char/1:3", "rwm"] in allow and ["/dev/char/10:200", "rwm"] in allow
+    assert ["char-pts", "rwm"] in allow  # c 136:* by its /proc/devices name
+    assert ["char-*", "m"] in allow and ["block-*", "m"] in allow
+    assert len(allow) == len(devices.DEFAULT)
+    assert systemd.device_allow([devices.Rule.parse("a *:* r")]) == [["char-*", "r"], ["block-*", "r"]]
+
+
+@pytest.mark.parametrize(("rule", "why"), [("c *:5 r", "minor of any major"), ("c 4095:* rw", "not in /proc/devices")])
+def test_device_allow_refuses_what_systemd_cannot_name(rule: str, why: str) -> None:
+    with pytest.raises(MachinedError, match=why):
+        systemd.device_allow([devices.Rule.parse(rule)])
+
+
+def test_unit_properties_carry_the_limits() -> None:
+    cfg = config.from_dict("m", {"machine": {"id": "0" * 32}, "resources": {
+        "memory_max": "64M", "tasks_max": 10, "cpu_weight": 20, "cpu_quota": 50}}, "test")
+    plan = Plan(name="m", rootfs="/x", machine_id=cfg.id, argv=["/sbin/init"], boot=True, init_kind="busybox",
+                config=cfg)
+    props = {k: (sig, v) for k, sig, v in systemd.unit_properties(plan)}
+    assert props["MemoryMax"] == ("t", 64 << 20) and props["TasksMax"] == ("t", 10)
+    assert props["CPUWeight"] == ("t", 20) and props["CPUQuotaPerSecUSec"] == ("t", 500000)
+    assert props["DevicePolicy"] == ("s", "closed") and props["DeviceAllow"][0] == "a(ss)"
+
+
+def test_forced_cgroupfs_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MACHINED_SYSTEMD", "no")
+    assert not systemd.available()
+
+
+def test_unit_file() -> None:
+    text = (REPO / "units/machined@.service").read_text()
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines() if "=" in line
+             and not line.startswith("#")}
+    assert lines["Type"] == "notify" and lines["KillMode"] == "mixed" and lines["WantedBy"] == "machines.target"
+    assert lines["ExecStart"] == "@MCTL@ start --foreground %I"  # install.sh puts in mctl's path
+
+
+@pytest.mark.parametrize(("section", "values", "why"), [
+    ("resources", {"cpu_weight": 0}, "cpu_weight"),
+    ("resources", {"cpu_quota": 0}, "cpu_quota"),
+    ("machine", {"bind": ["x"]}, "absolute"),
+    ("machine", {"bind": "/a:/b"}, "list of strings"),
+    ("machine", {"nesting": "yes"}, "true or false"),
+])
+def test_bad_settings(section: str, values: dict[str, object], why: str) -> None:
+    data: dict[str, object] = {"machine": {"id": "0" * 32}}
+    data.setdefault(section, {}).update(values)  # type: ignore[attr-defined]
+    with pytest.raises(MachinedError, match=why):
+        config.from_dict("m", data, "test")
+
+
+def test_bind_syntax() -> None:
+    b = binds.parse("/srv/data")
+    assert (b.source, b.target, b.read_only) == ("/srv/data", "/srv/data", False)
+    b = binds.parse("/srv/data/:/mnt//x:ro")
+    assert (b.source, b.target, b.read_only) == ("/srv/data", "/mnt/x", True)
+
+
+# --- mctl enable / disable (root: mctl refuses to run otherwise) -----------------------------------
+
+def _unit_env(env: Env, tmp_path: Path, installed: bool = True) -> dict[str, str]:
+    unitdir, confdir = tmp_path / "units", tmp_path / "etc"
+    unitdir.mkdir()
+    confdir.mkdir()
+    if installed:
+        (unitdir / "machined@.service").write_text((REPO / "units/machined@.service").read_text())
+    return env.environ(MACHINED_UNITDIR=str(unitdir), MACHINED_ENABLE_DIR=str(confdir))
+
+
+@pytest.mark.root
+def test_enable_disable_links(env: Env, tmp_path: Path) -> None:
+    name = env.name("en-")
+    env.ok("create", name, "--template", "busybox")
+    e = _unit_env(env, tmp_path)
+    link = tmp_path / "etc/machines.target.wants" / systemd.service_unit(name)
+    r = env.mctl("enable", name, env=e)
+    assert r.returncode == 0 and str(link) in r.stdout
+    assert link.is_symlink() and Path(link.readlink()) == tmp_path / "units/machined@.service"
+    assert env.mctl("enable", name, env=e).stdout == ""  # already: nothing to say, nothing changed
+    r = env.mctl("disable", name, env=e)
+    assert r.returncode == 0 and not link.exists() and "Removed" in r.stdout
+    assert env.mctl("disable", name, env=e).returncode == 0
+
+
+@pytest.mark.root
+def test_enable_bad_input(env: Env, tmp_path: Path) -> None:
+    e = _unit_env(env, tmp_path, installed=False)
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    before = env.tree(), sorted(tmp_path.rglob("*"))
+    assert_clean_error(env.mctl("enable", name, env=e), "machined@.service is not installed")
+    assert_clean_error(env.mctl("enable", env.name(), env=e), "No machine named")
+    assert_clean_error(env.mctl("enable", "../x", env=e), "Invalid machine name")
+    assert (env.tree(), sorted(tmp_path.rglob("*"))) == before
