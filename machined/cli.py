@@ -446,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         first = next((a for a in argv if not a.startswith("-")), None)
         helping = any(a in ("-h", "--help") for a in argv[: argv.index(first) if first else len(argv)])
         if first in ("run", "start") and os.geteuid() == 0 and not helping:
-            from machined import cgroups
+            from machined import cgroups, systemd
 
+            if first == "run" or sum(not a.startswith("-") for a in argv) == 2:  # one machine
+                systemd.prefork()  # before any thread: its D-Bus agent gets ready while we do
             cgroups.prewarm()
         args = parser(None if helping else first).parse_args(argv)
         if command is not None:

@@ -246,6 +246,163 @@ def _own_unit() -> str:
     return os.path.basename(paths.get("name=systemd") or paths.get("", ""))
 
 
+class Agent:
+    """A helper process that holds the machine's system-bus connection and does its D-Bus work.
+
+    Importing dbus-fast (with asyncio) takes tens of milliseconds: forked when mctl starts
+    (prefork), the agent does that and connects on another CPU while mctl gets the machine ready,
+    then creates the scope and registers the machine for the supervisor. It lives in the scope for
+    the machine's life (its connection holds the scope's AddRef), and unregisters the machine and
+    lets go of the scope when the supervisor closes it, or at once if the supervisor dies.
+    Requests and replies are JSON lines on a pair of pipes.
+    """
+
+    def __init__(self) -> None:
+        req_r, req_w = os.pipe2(os.O_CLOEXEC)
+        rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(req_w)
+            os.close(rep_r)
+            code = 1
+            try:
+                _serve(req_r, rep_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(req_r)
+        os.close(rep_w)
+        self.pid, self.req, self.rep = pid, req_w, rep_r
+        self.creator = os.getpid()
+
+    def request(self, op: str, **args: Any) -> None:
+        """Send one request; a MachinedError with the agent's reason if it failed."""
+        import json
+        import select
+
+        try:
+            os.write(self.req, (json.dumps({"op": op, **args}) + "\n").encode())
+            reply = b""
+            while not reply.endswith(b"\n"):
+                if not select.select([self.rep], [], [], TIMEOUT + 5)[0]:
+                    raise MachinedError("no answer from its D-Bus helper")
+                chunk = os.read(self.rep, 65536)
+                if not chunk:
+                    raise MachinedError("its D-Bus helper ended")
+                reply += chunk
+        except OSError as e:
+            raise MachinedError(f"its D-Bus helper ended ({e.strerror})") from None
+        error = json.loads(reply).get("error")
+        if error:
+            raise MachinedError(error)
+
+    def close(self) -> None:
+        try:
+            self.request("close")
+        except MachinedError:
+            pass  # it cleans up on end of file too
+        os.close(self.req)
+        os.close(self.rep)
+        if self.creator == os.getpid():  # our child (run, start --foreground): reap it
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+_preforked: Agent | None = None
+
+
+def prefork() -> None:
+    """Called by mctl first thing for a verb that starts one machine: the agent gets ready meanwhile."""
+    global _preforked
+    if available():
+        _preforked = Agent()
+
+
+def _agent() -> Agent:
+    global _preforked
+    agent, _preforked = _preforked, None
+    return agent or Agent()
+
+
+def _serve(req_fd: int, rep_fd: int) -> None:
+    """The agent's life: connect, then answer the supervisor until it closes us or goes away."""
+    import json
+
+    from machined import linux
+
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)  # stopping the scope signals us too: we go when the supervisor says
+    linux.set_process_name("machined-bus")
+    bus: Bus | None = None
+    failure = ""
+    try:
+        bus = Bus()
+    except MachinedError as e:
+        failure = str(e)
+    unit = registered = ""
+    pending = b""
+    op = ""
+    while op != "close":
+        while b"\n" not in pending:
+            chunk = os.read(req_fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+        if b"\n" not in pending:
+            break  # the supervisor is gone
+        line, pending = pending.split(b"\n", 1)
+        msg = json.loads(line)
+        op = msg["op"]
+        reply: dict[str, object] = {}
+        try:
+            if bus is None:
+                raise MachinedError(failure)
+            if op == "scope":
+                unit = msg["unit"]
+                bus.start_transient(unit, [(k, sig, v) for k, sig, v in msg["props"]])
+            elif op == "register":
+                if registered:
+                    _call_quietly(bus, MACHINED, "UnregisterMachine", "s", [registered])
+                    registered = ""
+                bus.call(MACHINED, "RegisterMachineWithNetwork", "sayssusai",
+                         [msg["name"], bytes.fromhex(msg["id"]), "machined", "container", msg["leader"],
+                          msg["root"], msg["ifindices"]])
+                registered = msg["name"]
+        except CallError as e:
+            reply["error"] = _reason(e)
+        except MachinedError as e:
+            reply["error"] = str(e)
+        if op == "close":
+            break
+        os.write(rep_fd, (json.dumps(reply) + "\n").encode())
+    if bus is not None:
+        if registered:
+            _call_quietly(bus, MACHINED, "UnregisterMachine", "s", [registered])
+        if unit:
+            _call_quietly(bus, SYSTEMD, "AbandonScope", "s", [unit])
+            _call_quietly(bus, SYSTEMD, "UnrefUnit", "s", [unit])
+        bus.close()
+    if op == "close":
+        try:
+            os.write(rep_fd, b"{}\n")
+        except OSError:
+            pass
+
+
+def _call_quietly(bus: Bus, target: tuple[str, str, str], member: str, signature: str, body: list[Any]) -> None:
+    try:
+        bus.call(target, member, signature, body)
+    except CallError:
+        pass  # cleaning up: gone already is fine
+
+
 class Delegation:
     """The machine's systemd unit and registration, held by its supervisor for the machine's life.
 
@@ -257,7 +414,7 @@ class Delegation:
         self.name = plan.name
         self.data = data
         self.info: dict[str, object] = {"unit": "", "owned": False, "registered": False, "id": plan.machine_id}
-        self.bus = Bus()
+        self.agent = _agent()
 
     def create(self) -> cgroups.MachineCgroup:
         """Create the machine's scope with this process in it; its cgroup, delegated, with payload ready."""
@@ -267,7 +424,7 @@ class Delegation:
         props = [
             ("Description", "s", f"Machine {self.name}"), ("Slice", "s", "machine.slice"),
             ("Delegate", "b", True), ("CollectMode", "s", "inactive-or-failed"), ("AddRef", "b", True),
-            ("PIDs", "au", [os.getpid()]),
+            ("PIDs", "au", [os.getpid(), self.agent.pid]),
             # Stopping the scope (machinectl terminate, shutdown) signals the supervisor too, which then
             # powers the machine off: give that its time before systemd kills what is left.
             ("TimeoutStopUSec", "t", int((self.plan.kill_timeout + 10) * 1e6)),
@@ -278,49 +435,31 @@ class Delegation:
             # goes before the scope, which would otherwise signal every process of the machine.
             props.append(("Before", "as", [service]))
         try:
-            self.bus.start_transient(unit, props + unit_properties(self.plan))
-        except CallError as e:
-            fail(f"create scope {unit}", _reason(e))
-        return _adopt(self.name, unit)
+            self.agent.request("scope", unit=unit, props=props + unit_properties(self.plan))
+        except MachinedError as e:
+            fail(f"create scope {unit}", str(e))
+        return _adopt(self.name, unit, self.agent.pid)
 
     def register(self, leader: int) -> None:
         """Register the machine with systemd-machined; after a reboot, again with the new init."""
-        if self.info["registered"]:
-            self._unregister()
-        ifindices = _ifindices(self.data.get("interfaces"))
         try:
-            self.bus.call(MACHINED, "RegisterMachineWithNetwork", "sayssusai",
-                          [self.name, bytes.fromhex(self.plan.machine_id), "machined", "container", leader,
-                           self.plan.rootfs, ifindices])
-        except CallError as e:
-            fail(f"register {self.name} with systemd-machined", _reason(e))
+            self.agent.request("register", name=self.name, id=self.plan.machine_id, leader=leader,
+                               root=self.plan.rootfs, ifindices=_ifindices(self.data.get("interfaces")))
+        except MachinedError as e:
+            fail(f"register {self.name} with systemd-machined", str(e))
         self.info["registered"] = True
 
-    def _unregister(self) -> None:
-        try:
-            self.bus.call(MACHINED, "UnregisterMachine", "s", [self.name])
-        except CallError:
-            pass  # gone already
-        self.info["registered"] = False
-
     def close(self) -> None:
-        """The supervisor's teardown: unregister, let go of the scope (it goes once we exit)."""
+        """The supervisor's teardown: the agent unregisters and lets go of the scope (it goes once we exit)."""
         try:
-            if self.info["registered"]:
-                self._unregister()
-            if self.info["owned"]:
-                for member in ("AbandonScope", "UnrefUnit"):
-                    try:
-                        self.bus.call(SYSTEMD, member, "s", [self.info["unit"]])
-                    except CallError:
-                        pass
+            self.agent.close()
         finally:
-            self.bus.close()
             self.data.pop("systemd", None)
 
 
-def _adopt(name: str, unit: str) -> cgroups.MachineCgroup:
-    """Now that systemd has put us in unit: its 'supervisor' sub-cgroup for us, 'payload' for the machine."""
+def _adopt(name: str, unit: str, agent: int) -> cgroups.MachineCgroup:
+    """Now that systemd has put us (and the agent) in unit: its 'supervisor' sub-cgroup for us, 'payload'
+    for the machine."""
     which = cgroups.layout()
     cg = cgroups.MachineCgroup(which, {}, {}, delegated=True)
     unified = []
@@ -337,8 +476,9 @@ def _adopt(name: str, unit: str) -> cgroups.MachineCgroup:
         for d in cg.dirs.values():
             for sub in (SUPERVISOR, cgroups.PAYLOAD):
                 os.makedirs(os.path.join(d, sub), exist_ok=True)
-            with open(os.path.join(d, SUPERVISOR, "cgroup.procs"), "w") as f:
-                f.write("0")
+            for pid in (0, agent):
+                with open(os.path.join(d, SUPERVISOR, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
         for d in unified:
             cgroups._enable_v2_controllers(d)  # the unit has no processes of its own now: hand controllers down
     except OSError as e:
