@@ -99,14 +99,15 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
 
 
 class Supervisor:
-    def __init__(self, plan: Plan, lock: state.Lock, *, ready_fd: int | None = None, attach: bool = False) -> None:
+    def __init__(self, plan: Plan, lock: state.Lock, *, ready_fd: int | None = None, attach: bool = False,
+                 unit: systemd.Delegation | None = None) -> None:
         self.plan = plan
         self.lock = lock
         self.ready_fd = ready_fd
         self.attach = attach            # foreground: console relayed to our own stdio (run on a tty)
         self.rundir = paths.machine_runtime_dir(plan.name)
         self.cgroup: cgroups.MachineCgroup | None = None
-        self.unit: systemd.Delegation | None = None  # the machine's systemd unit and registration
+        self.unit = unit  # on a systemd host: the machine's scope and registration
         self.child: spawn.Child | None = None
         self.master = -1
         self.slave = -1
@@ -135,7 +136,7 @@ class Supervisor:
                 self.child = spawn.spawn(self._spec())
                 self.boots += 1
                 if self.unit is not None:
-                    self.unit.register(self.child.pid)
+                    self.unit.register(self.child.pid, self.data.get("interfaces"))
                 self._write_state()
                 self._report_ready()
                 status = self._loop()
@@ -169,11 +170,8 @@ class Supervisor:
             "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
             "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
         })
-        from machined import systemd
-
-        if systemd.available():
-            self.unit = systemd.Delegation(self.plan, self.data)
-            self.cgroup = self.unit.create()
+        if self.unit is not None:
+            self.cgroup = self.unit.create(self.data)
         else:
             self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
         self.data["cgroup"] = self.cgroup.to_state()
@@ -465,7 +463,7 @@ class Supervisor:
         if self.listener is not None:
             self.listener.close()
         if self.unit is not None:
-            self.unit.close()
+            self.unit.close(self.data)
         state.teardown(self.data)
         state.remove_runtime_dir(self.plan.name)
         for fd in (self.master, self.slave, self.log_fd, self.wake_r, self.wake_w):
@@ -530,6 +528,7 @@ def acquire(name: str) -> state.Lock:
 
 def start_detached(plan: Plan, lock: state.Lock) -> None:
     """Fork the supervisor into its own session; return once the machine's init runs."""
+    unit = delegate(plan)
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -544,11 +543,13 @@ def start_detached(plan: Plan, lock: state.Lock) -> None:
                 os.dup2(null, fd)
             os.close(null)
             linux.set_process_name("machined-sup")
-            code = Supervisor(plan, lock, ready_fd=w).run()
+            code = Supervisor(plan, lock, ready_fd=w, unit=unit).run()
         finally:
             os._exit(code)
     os.close(w)
     lock.forget()
+    if unit is not None:
+        unit.forget()
     chunks = []
     while True:
         b = os.read(r, 65536)
@@ -568,7 +569,14 @@ def run_foreground(plan: Plan, lock: state.Lock) -> int:
     """Run the machine in this process (run verb, or start --foreground under systemd)."""
     # On a terminal the payload gets a pty of its own, relayed; otherwise our stdio as it is.
     attach = not plan.boot and os.isatty(0)
-    return Supervisor(plan, lock, attach=attach).run()
+    return Supervisor(plan, lock, attach=attach, unit=delegate(plan)).run()
+
+
+def delegate(plan: Plan) -> systemd.Delegation | None:
+    """On a systemd host, the machine's scope: asked for now, so it is made while we go on."""
+    from machined import systemd
+
+    return systemd.Delegation(plan) if systemd.available() else None
 
 
 def kill_leftovers(data: dict[str, object]) -> None:

@@ -262,8 +262,12 @@ class Agent:
         rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            os.close(req_w)
-            os.close(rep_r)
+            for fd in os.listdir("/proc/self/fd"):  # nothing of mctl's: no lock, no pipe of its caller
+                if int(fd) not in (req_r, rep_w):
+                    try:
+                        os.close(int(fd))
+                    except OSError:
+                        pass
             code = 1
             try:
                 _serve(req_r, rep_w)
@@ -275,34 +279,50 @@ class Agent:
         self.pid, self.req, self.rep = pid, req_w, rep_r
         self.creator = os.getpid()
 
-    def request(self, op: str, **args: Any) -> None:
-        """Send one request; a MachinedError with the agent's reason if it failed."""
+    def send(self, op: str, **args: Any) -> None:
         import json
-        import select
 
         try:
             os.write(self.req, (json.dumps({"op": op, **args}) + "\n").encode())
-            reply = b""
+        except OSError as e:
+            raise MachinedError(f"its D-Bus helper ended ({e.strerror})") from None
+
+    def receive(self) -> dict[str, Any]:
+        """The reply to the oldest request; a MachinedError with the agent's reason if it failed."""
+        import json
+        import select
+
+        reply = b""
+        try:
             while not reply.endswith(b"\n"):
                 if not select.select([self.rep], [], [], TIMEOUT + 5)[0]:
                     raise MachinedError("no answer from its D-Bus helper")
-                chunk = os.read(self.rep, 65536)
+                chunk = os.read(self.rep, 1)  # byte by byte: never past this reply
                 if not chunk:
                     raise MachinedError("its D-Bus helper ended")
                 reply += chunk
         except OSError as e:
             raise MachinedError(f"its D-Bus helper ended ({e.strerror})") from None
-        error = json.loads(reply).get("error")
-        if error:
-            raise MachinedError(error)
+        answer: dict[str, Any] = json.loads(reply)
+        if answer.get("error"):
+            raise MachinedError(answer["error"])
+        return answer
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        self.send(op, **args)
+        return self.receive()
+
+    def forget(self) -> None:
+        """Close our ends only: a forked supervisor talks to the agent on."""
+        os.close(self.req)
+        os.close(self.rep)
 
     def close(self) -> None:
         try:
             self.request("close")
         except MachinedError:
             pass  # it cleans up on end of file too
-        os.close(self.req)
-        os.close(self.rep)
+        self.forget()
         if self.creator == os.getpid():  # our child (run, start --foreground): reap it
             try:
                 os.waitpid(self.pid, 0)
@@ -333,10 +353,12 @@ def _serve(req_fd: int, rep_fd: int) -> None:
     from machined import linux
 
     os.setsid()
-    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+        if fd != null:
+            os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)  # stopping the scope signals us too: we go when the supervisor says
     linux.set_process_name("machined-bus")
@@ -367,6 +389,12 @@ def _serve(req_fd: int, rep_fd: int) -> None:
             if op == "scope":
                 unit = msg["unit"]
                 bus.start_transient(unit, [(k, sig, v) for k, sig, v in msg["props"]])
+                # Where systemd put us is where the supervisor goes (per hierarchy; on v1, only
+                # the controllers systemd manages: the machine shares the others with the host).
+                which = cgroups.layout()
+                reply.update(layout=which, dirs={h.mountpoint: [h.base, h.key, h.version]
+                                                 for h in cgroups.hierarchies(which)
+                                                 if os.path.basename(h.base) == unit})
             elif op == "register":
                 if registered:
                     _call_quietly(bus, MACHINED, "UnregisterMachine", "s", [registered])
@@ -406,81 +434,79 @@ def _call_quietly(bus: Bus, target: tuple[str, str, str], member: str, signature
 class Delegation:
     """The machine's systemd unit and registration, held by its supervisor for the machine's life.
 
-    Recorded in the state as "systemd": {unit, owned (the scope is ours to remove), registered, id}.
+    Made by mctl before it forks the supervisor: the agent starts creating the scope (with itself in
+    it) at once; the supervisor then joins the scope. Recorded in the state as "systemd":
+    {unit, owned (the scope is ours to remove), registered, id}.
     """
 
-    def __init__(self, plan: Plan, data: dict[str, object]) -> None:
+    def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.name = plan.name
-        self.data = data
-        self.info: dict[str, object] = {"unit": "", "owned": False, "registered": False, "id": plan.machine_id}
+        self.unit = scope_unit(self.name)
+        self.info: dict[str, object] = {"unit": self.unit, "owned": True, "registered": False, "id": plan.machine_id}
         self.agent = _agent()
-
-    def create(self) -> cgroups.MachineCgroup:
-        """Create the machine's scope with this process in it; its cgroup, delegated, with payload ready."""
-        unit = scope_unit(self.name)
-        self.info.update(unit=unit, owned=True)
-        self.data["systemd"] = self.info  # before the scope exists: a crash from now on leaves it to clean
         props = [
             ("Description", "s", f"Machine {self.name}"), ("Slice", "s", "machine.slice"),
             ("Delegate", "b", True), ("CollectMode", "s", "inactive-or-failed"), ("AddRef", "b", True),
-            ("PIDs", "au", [os.getpid(), self.agent.pid]),
+            ("PIDs", "au", [self.agent.pid]),
             # Stopping the scope (machinectl terminate, shutdown) signals the supervisor too, which then
             # powers the machine off: give that its time before systemd kills what is left.
-            ("TimeoutStopUSec", "t", int((self.plan.kill_timeout + 10) * 1e6)),
+            ("TimeoutStopUSec", "t", int((plan.kill_timeout + 10) * 1e6)),
         ]
         service = service_unit(self.name)
         if _own_unit() == service:
             # Run by machined@NAME.service: at shutdown the service (whose stop is a clean poweroff)
             # goes before the scope, which would otherwise signal every process of the machine.
             props.append(("Before", "as", [service]))
-        try:
-            self.agent.request("scope", unit=unit, props=props + unit_properties(self.plan))
-        except MachinedError as e:
-            fail(f"create scope {unit}", str(e))
-        return _adopt(self.name, unit, self.agent.pid)
+        self.agent.send("scope", unit=self.unit, props=props + unit_properties(plan))
 
-    def register(self, leader: int) -> None:
+    def create(self, data: dict[str, object]) -> cgroups.MachineCgroup:
+        """In the supervisor: once the scope exists, join it; its cgroup, delegated, with payload ready."""
+        data["systemd"] = self.info  # before we are in it: a crash from now on leaves it to clean
+        try:
+            where = self.agent.receive()
+        except MachinedError as e:
+            fail(f"create scope {self.unit}", str(e))
+        return _adopt(self.name, self.unit, self.agent.pid, where)
+
+    def register(self, leader: int, interfaces: object) -> None:
         """Register the machine with systemd-machined; after a reboot, again with the new init."""
         try:
             self.agent.request("register", name=self.name, id=self.plan.machine_id, leader=leader,
-                               root=self.plan.rootfs, ifindices=_ifindices(self.data.get("interfaces")))
+                               root=self.plan.rootfs, ifindices=_ifindices(interfaces))
         except MachinedError as e:
             fail(f"register {self.name} with systemd-machined", str(e))
         self.info["registered"] = True
 
-    def close(self) -> None:
+    def forget(self) -> None:
+        self.agent.forget()
+
+    def close(self, data: dict[str, object]) -> None:
         """The supervisor's teardown: the agent unregisters and lets go of the scope (it goes once we exit)."""
         try:
             self.agent.close()
         finally:
-            self.data.pop("systemd", None)
+            data.pop("systemd", None)
 
 
-def _adopt(name: str, unit: str, agent: int) -> cgroups.MachineCgroup:
-    """Now that systemd has put us (and the agent) in unit: its 'supervisor' sub-cgroup for us, 'payload'
-    for the machine."""
-    which = cgroups.layout()
-    cg = cgroups.MachineCgroup(which, {}, {}, delegated=True)
-    unified = []
-    for h in cgroups.hierarchies(which):
-        if os.path.basename(h.base) != unit:
-            continue  # a v1 controller systemd does not manage: the machine shares ours there
-        cg.dirs[h.mountpoint] = h.base
-        cg.keys[h.mountpoint] = h.key
-        if h.version == 2:
-            unified.append(h.base)
-    if not cg.dirs:
-        fail(f"set up the cgroup of {name}", f"systemd did not put the supervisor into {unit}")
+def _adopt(name: str, unit: str, agent_pid: int, where: dict[str, Any]) -> cgroups.MachineCgroup:
+    """Join unit, where systemd has put the agent (which says where that is): its 'supervisor'
+    sub-cgroup for us and the agent, 'payload' for the machine."""
+    dirs: dict[str, list[Any]] = where.get("dirs") or {}
+    if not dirs:
+        fail(f"set up the cgroup of {name}", f"systemd did not put the machine's D-Bus helper into {unit}")
+    cg = cgroups.MachineCgroup(str(where["layout"]), {mp: d for mp, (d, _, _) in dirs.items()},
+                               {mp: key for mp, (_, key, _) in dirs.items()}, delegated=True)
     try:
         for d in cg.dirs.values():
             for sub in (SUPERVISOR, cgroups.PAYLOAD):
                 os.makedirs(os.path.join(d, sub), exist_ok=True)
-            for pid in (0, agent):
+            for pid in (agent_pid, 0):
                 with open(os.path.join(d, SUPERVISOR, "cgroup.procs"), "w") as f:
                     f.write(str(pid))
-        for d in unified:
-            cgroups._enable_v2_controllers(d)  # the unit has no processes of its own now: hand controllers down
+        for d, _, version in dirs.values():
+            if version == 2:  # the unit has no processes of its own now: hand its controllers down
+                cgroups._enable_v2_controllers(d)
     except OSError as e:
         fail(f"set up the cgroup of {name} in {unit}", e)
     return cg
@@ -488,10 +514,12 @@ def _adopt(name: str, unit: str, agent: int) -> cgroups.MachineCgroup:
 
 def _ifindices(interfaces: object) -> list[int]:
     """Host-side interface indices of the machine's links (state 'interfaces': names or indices)."""
+    if not interfaces or not isinstance(interfaces, list):
+        return []
     import socket
 
     result = []
-    for item in interfaces if isinstance(interfaces, list) else []:
+    for item in interfaces:
         try:
             result.append(item if isinstance(item, int) else socket.if_nametoindex(str(item)))
         except OSError:
