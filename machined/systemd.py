@@ -120,6 +120,10 @@ def unit_properties(plan: Plan) -> list[tuple[str, str, Any]]:
     return props
 
 
+class NoBus(MachinedError):
+    """The system bus cannot be reached: said as is, whatever was being done."""
+
+
 class CallError(Exception):
     """An error reply: its D-Bus error name and text."""
 
@@ -154,8 +158,8 @@ class Bus:
             self.loop.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
             address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
-            raise MachinedError(f"Failed to connect to the system bus at {address}: {reason}",
-                                hint="is dbus running?") from None
+            raise NoBus(f"Failed to connect to the system bus at {address}: {reason}",
+                        hint="is dbus running?") from None
         self.bus.add_message_handler(self._on_message)
 
     def _run(self, coro: Coroutine[Any, Any, Any], timeout: float = TIMEOUT) -> Any:
@@ -305,7 +309,7 @@ class Agent:
             raise MachinedError(f"its D-Bus helper ended ({e.strerror})") from None
         answer: dict[str, Any] = json.loads(reply)
         if answer.get("error"):
-            raise MachinedError(answer["error"])
+            raise (NoBus if answer.get("nobus") else MachinedError)(answer["error"])
         return answer
 
     def request(self, op: str, **args: Any) -> dict[str, Any]:
@@ -385,7 +389,7 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         reply: dict[str, object] = {}
         try:
             if bus is None:
-                raise MachinedError(failure)
+                raise NoBus(failure)
             if op == "scope":
                 unit = msg["unit"]
                 bus.start_transient(unit, [(k, sig, v) for k, sig, v in msg["props"]])
@@ -406,7 +410,7 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         except CallError as e:
             reply["error"] = _reason(e)
         except MachinedError as e:
-            reply["error"] = str(e)
+            reply.update(error=str(e), nobus=isinstance(e, NoBus))
         if op == "close":
             break
         os.write(rep_fd, (json.dumps(reply) + "\n").encode())
@@ -465,6 +469,8 @@ class Delegation:
         data["systemd"] = self.info  # before we are in it: a crash from now on leaves it to clean
         try:
             where = self.agent.receive()
+        except NoBus:
+            raise
         except MachinedError as e:
             fail(f"create scope {self.unit}", str(e))
         return _adopt(self.name, self.unit, self.agent.pid, where)
@@ -474,6 +480,8 @@ class Delegation:
         try:
             self.agent.request("register", name=self.name, id=self.plan.machine_id, leader=leader,
                                root=self.plan.rootfs, ifindices=_ifindices(interfaces))
+        except NoBus:
+            raise
         except MachinedError as e:
             fail(f"register {self.name} with systemd-machined", str(e))
         self.info["registered"] = True

@@ -110,7 +110,8 @@ def gone(host: Host, name: str, machined: bool = True) -> bool:
 def assert_nothing_left(host: Host, name: str, machined: bool = True) -> None:
     assert gone(host, name, machined)
     left = host.sh(f"ls /run/machined/machines/{name} /run/machined/locks/{name} 2>/dev/null; "
-                   f"ls -d /sys/fs/cgroup/*/machine.slice/machine-{name}.scope 2>/dev/null", check=False)
+                   f"ls -d /sys/fs/cgroup/*/machine.slice/machine-{name}.scope 2>/dev/null; "
+                   f"pgrep -a -x 'machined-(sup|bus)' | grep -w {name}", check=False)
     assert left.strip() == ""
 
 
@@ -205,6 +206,13 @@ def test_scope_properties_and_memory_limit(host: Host, inner: Inner) -> None:
 
 def test_killed_supervisor_or_mctl_never_blocks_the_next_start(host: Host, inner: Inner) -> None:
     name = inner.busybox()
+    host.ok("start", name)
+    host.sh(f"kill -9 {json.loads(host.ok('show', name, '-o', 'json'))['Supervisor']}")
+    # Its D-Bus helper sees it go and unregisters the machine; the scope empties and goes.
+    assert wait_until(lambda: name not in machinectl_list(host) and not host.sh(
+        f"systemctl list-units --all --no-legend 'machine-{name}.scope'").strip(), 10)
+    host.ok("list")  # and the next mctl call removes the state it left
+    assert_nothing_left(host, name)
     for _ in range(2):
         host.ok("start", name)
         first = json.loads(host.ok("show", name, "-o", "json"))
