@@ -22,6 +22,11 @@ apt-get install -y -qq --no-install-recommends \
     python3 python3-venv busybox-static mmdebstrap debootstrap debian-archive-keyring \
     nftables iproute2 dnsmasq-base zstd xz-utils ca-certificates >/dev/null
 
+if [ -d /run/systemd/system ]; then
+    # systemd-machined and machinectl: machines are registered with them where systemd runs.
+    apt-get install -y -qq --no-install-recommends systemd-container >/dev/null
+fi
+
 /usr/bin/python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install -q --disable-pip-version-check .
 # setuptools is only needed to build; its .pth hook would cost every mctl call a millisecond.

@@ -140,6 +140,11 @@ def test_busybox_registered_and_machinectl_acts(host: Host, inner: Inner) -> Non
     cgls = host.run("systemd-cgls", "--no-pager", "-u", f"machine-{name}.scope", check=True).stdout
     assert "payload" in cgls and "supervisor" in cgls and "machined" in cgls.split("supervisor")[1], cgls
 
+    # A reboot is a new init in the same scope: registered again, with the new leader.
+    host.ok("reboot", name)
+    leader = json.loads(host.ok("show", name, "-o", "json"))["Leader"]
+    assert leader != ours["Leader"] and int(machinectl_show(host, name)["Leader"]) == leader
+
     host.run("machinectl", "terminate", name, check=True)
     assert wait_until(lambda: gone(host, name)), host.running()
     assert_nothing_left(host, name)
@@ -171,6 +176,11 @@ def test_debian_guest_registered_shell_and_poweroff(host: Host, inner: Inner) ->
     # machined enters the machine and asks its systemd for a shell: a real round trip into the guest.
     r = host.run("machinectl", "shell", name, "/bin/sh", "-c", "echo shell-$((6*7)) in $(hostname)", timeout=60)
     assert f"shell-42 in {name}" in r.stdout, r.stdout + r.stderr
+    assert "Startup finished" in host.run("journalctl", "-M", name, "--no-pager", "-b", check=True).stdout
+    host.run("machinectl", "reboot", name, check=True)  # SIGINT to the leader: a new init, registered again
+    assert wait_until(lambda: host.mctl("show", name, "-p", "Boots", "--value").stdout.strip() == "2", 60)
+    leader2 = json.loads(host.ok("show", name, "-o", "json"))["Leader"]
+    assert leader2 != leader and wait_until(lambda: int(machinectl_show(host, name)["Leader"]) == leader2, 10)
     host.run("machinectl", "poweroff", name, check=True)  # SIGRTMIN+4 to the leader, straight from machined
     assert wait_until(lambda: gone(host, name), 60), host.running()
     assert_nothing_left(host, name)
@@ -267,6 +277,18 @@ def test_errors_are_one_line_and_leave_nothing(host: Host, inner: Inner) -> None
         host.sh("systemctl unmask --runtime systemd-machined.service")
     host.ok("start", name)  # machined is activated on demand again
     assert name in machinectl_list(host)
+
+
+def test_run_is_registered_too(host: Host, inner: Inner) -> None:
+    name = inner.busybox()
+    # As PID 1 of its namespace the payload gets only signals it handles: this one ends on SIGTERM.
+    host.sh(f"mctl run {name} -- /bin/sh -c 'trap \"exit 0\" TERM; sleep 30 & wait' >/dev/null 2>&1 &")
+    assert wait_until(lambda: name in machinectl_list(host), 10)
+    assert machinectl_show(host, name)["Unit"] == f"machine-{name}.scope"
+    host.run("machinectl", "terminate", name, check=True)
+    assert wait_until(lambda: gone(host, name), 5)
+    assert host.mctl("run", name, "--", "/bin/sh", "-c", "exit 7").returncode == 7
+    assert_nothing_left(host, name)
 
 
 def test_cgroupfs_path_when_forced(host: Host, inner: Inner) -> None:
