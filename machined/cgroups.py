@@ -149,10 +149,17 @@ def prewarm() -> None:
     import _thread
 
     def move_self() -> None:
+        # As little Python as possible: this thread competes with the imports for the GIL.
         try:
-            h = _scan_mounts()[0]
-            _write(os.path.join(h.base, "cgroup.procs"), str(os.getpid()))
-        except (OSError, IndexError, ValueError):
+            with open("/proc/self/cgroup") as f:
+                v2 = next(line[3:].strip() for line in f if line.startswith("0::"))
+            for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+                try:
+                    _write(f"{top}{v2}/cgroup.procs", str(os.getpid()))
+                    return
+                except FileNotFoundError:
+                    continue
+        except (OSError, StopIteration):
             pass
 
     _thread.start_new_thread(move_self, ())
