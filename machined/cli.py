@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from machined import log
+from machined.log import MachinedError
+
 
 def _prewarm_if_starting() -> None:
     """Starting a machine moves processes between cgroups, and the kernel's first move after a
@@ -20,9 +23,6 @@ def _prewarm_if_starting() -> None:
 _prewarm_if_starting()
 
 import argparse  # noqa: E402 - after the prewarm on purpose
-
-from machined import log
-from machined.log import MachinedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
