@@ -61,7 +61,7 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False) -> None:
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -72,7 +72,6 @@ class Plan:
         self.rules = rules
         self.kill_timeout = kill_timeout
         self.config = config
-        self.ephemeral_dir = ephemeral_dir
 
 
 def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
