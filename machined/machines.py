@@ -130,6 +130,9 @@ def stop(name: str, how: str, timeout: float | None = None, wait: bool = True) -
 
     data = state.require_running(name)
     kind = str(data.get("init", "command"))
+    from machined import resources
+
+    resources.thaw_for_stop(data)
     if timeout is None:
         timeout = _kill_timeout(name)
     if how == "terminate":
@@ -174,6 +177,9 @@ def reboot(name: str, wait: bool = True, timeout: float = 60.0) -> None:
 
     data = state.require_running(name)
     old_leader = data.get("leader")
+    from machined import resources
+
+    resources.thaw_for_stop(data)
     boots = data.get("boots")
     state.signal_leader(data, inits.reboot_signal(str(data.get("init", "command"))))
     if not wait:
@@ -286,6 +292,10 @@ def machine_info(data: dict[str, object]) -> dict[str, object]:
         "Addresses": data.get("addresses", []),
         "NetworkInterfaces": data.get("interfaces", []),
     }
+    from machined import passthrough, resources
+
+    info.update(resources.status(data))  # usage, limits, frozen
+    info.update(passthrough.status(name))
     return info
 
 
@@ -303,13 +313,17 @@ def stopped_info(name: str) -> dict[str, object]:
 
     cfg = load_config(name)
     osr = _os_release(paths.image_path(name))
-    return {
+    result: dict[str, object] = {
         "Name": name, "Id": cfg.id, "Class": "container", "Service": "machined", "State": "stopped",
         "RootDirectory": paths.image_path(name), "Template": cfg.template, "Release": cfg.release,
         "ReadOnly": cfg.read_only, "OS": osr.get("ID", ""), "OSVersion": osr.get("VERSION_ID", ""),
         "OSPrettyName": osr.get("PRETTY_NAME", ""), "Config": paths.config_path(name),
         "Settings": config.to_toml(cfg),
     }
+    from machined import passthrough
+
+    result.update(passthrough.settings_status(cfg, running=False))  # devices, hotplug rules, limits
+    return result
 
 
 def info(name: str) -> dict[str, object]:
@@ -323,6 +337,9 @@ def info(name: str) -> dict[str, object]:
             cfg = config.load(name)
             result.update({"Template": cfg.template, "Release": cfg.release, "ReadOnly": cfg.read_only,
                            "Config": paths.config_path(name)})
+            from machined import passthrough
+
+            result.update(passthrough.settings_status(cfg, running=True))
         return result
     if os.path.isdir(paths.image_path(name)) or os.path.exists(paths.config_path(name)):
         return stopped_info(name)
