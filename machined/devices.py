@@ -147,9 +147,9 @@ class Node:
 
     @classmethod
     def from_state(cls, d: dict[str, object]) -> Node:
-        return cls(str(d["path"]), str(d["kind"]), int(d["major"]), int(d["minor"]),  # type: ignore[call-overload]
-                   int(d["mode"]), int(d["uid"]), int(d["gid"]), str(d["access"]),  # type: ignore[call-overload]
-                   str(d.get("syspath", "")))
+        n = {k: int(v) for k, v in d.items() if k in ("major", "minor", "mode", "uid", "gid") and isinstance(v, int)}
+        return cls(str(d["path"]), str(d["kind"]), n["major"], n["minor"], n["mode"], n["uid"], n["gid"],
+                   str(d["access"]), str(d.get("syspath", "")))
 
     def __str__(self) -> str:
         return f"{self.path} ({self.kind} {self.major}:{self.minor} {self.access})"

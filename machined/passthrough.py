@@ -206,13 +206,11 @@ def pass_in(name: str, data: dict[str, object], node: Node, origin: str, pidfd: 
         dl = DeviceList.load(name)
         old = dl.nodes.get(node.path)
         dl.nodes[node.path] = (node, origin)
-        if old is not None and old[0].rule() != node.rule():
-            _apply(data, dl, node.rule(), old[0].rule())
-        else:
-            _apply(data, dl, node.rule(), None)
+        replaced = old[0].rule() if old is not None and old[0].rule() != node.rule() else None
+        _apply(data, dl, node.rule(), replaced)
         dl.save(name)  # before the node: a failure below leaves an allowed device the list shows
         if pidfd is not None:
-            in_machine(pidfd, [node], [old[0]] if old is not None and old[0].path != node.path else [])
+            in_machine(pidfd, [node], [])  # a stale node of another device at the path is replaced
 
 
 def take_out(name: str, data: dict[str, object], path: str, pidfd: int | None) -> Node | None:

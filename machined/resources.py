@@ -236,63 +236,26 @@ def _try(path: str) -> str | None:
         return None
 
 
-def in_force(cg: MachineCgroup) -> dict[str, str]:
-    """The limits the kernel enforces on the scope now, as settings values (unset ones left out)."""
-    out: dict[str, str] = {}
+def record(name: str, res: Resources) -> None:
+    """Keep the limits in force in the machine's runtime directory (the cgroup files are rounded:
+    cpu.shares, BFQ weights), for status."""
+    import json
 
-    def put(key: str, value: str | None, unlimited: tuple[str, ...] = ("max",)) -> None:
-        if value is not None and value not in unlimited:
-            out[key] = value
+    path = os.path.join(paths.machine_runtime_dir(name), "limits.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({k: getattr(res, k) for k in KEYS if getattr(res, k) is not None}, f)
+    os.replace(path + ".tmp", path)
 
-    if cg.layout == "unified":
-        d = cg.main_dir()
-        for key, name in (("memory_max", "memory.max"), ("memory_high", "memory.high"),
-                          ("memory_swap_max", "memory.swap.max"), ("tasks_max", "pids.max")):
-            value = _try(os.path.join(d, name))
-            put(key, _size(int(value)) if value and value.isdigit() else value)
-        put("cpu_weight", _try(os.path.join(d, "cpu.weight")), ("100",))
-        cpu_max = (_try(os.path.join(d, "cpu.max")) or "max").split()
-        if cpu_max[0] != "max":
-            put("cpu_quota", f"{int(cpu_max[0]) * 100 / int(cpu_max[1]):g}%")
-        put("cpuset_cpus", _try(os.path.join(d, "cpuset.cpus")), ("",))
-        io = _try(os.path.join(d, "io.weight"))
-        put("io_weight", io.split()[1] if io and io.startswith("default") else None, ("100",))
-        return out
-    mem = cg.dir_for("memory")
-    if mem:
-        limits = {}
-        for key, name in (("memory_max", "memory.limit_in_bytes"), ("memory_high", "memory.soft_limit_in_bytes"),
-                          ("memsw", "memory.memsw.limit_in_bytes")):
-            value = _try(os.path.join(mem, name))
-            if value and value.isdigit() and int(value) < V1_UNLIMITED:
-                limits[key] = int(value)
-        for key in ("memory_max", "memory_high"):
-            if key in limits:
-                out[key] = _size(limits[key])
-        if "memsw" in limits and "memory_max" in limits:
-            out["memory_swap_max"] = _size(limits["memsw"] - limits["memory_max"])
-    cpu = cg.dir_for("cpu")
-    if cpu:
-        shares = _try(os.path.join(cpu, "cpu.shares"))
-        if shares and shares != "1024":
-            out["cpu_weight"] = str(int(shares) * 100 // 1024)
-        quota, period = _try(os.path.join(cpu, "cpu.cfs_quota_us")), _try(os.path.join(cpu, "cpu.cfs_period_us"))
-        if quota and period and quota != "-1":
-            out["cpu_quota"] = f"{int(quota) * 100 / int(period):g}%"
-    cpuset = cg.dir_for("cpuset")
-    if cpuset:
-        mine = _try(os.path.join(cpuset, "cpuset.cpus"))
-        if mine != _try(os.path.join(os.path.dirname(cpuset), "cpuset.cpus")):
-            put("cpuset_cpus", mine)
-    pids = cg.dir_for("pids")
-    if pids:
-        put("tasks_max", _try(os.path.join(pids, "pids.max")))
-    blkio = cg.dir_for("blkio")
-    if blkio:
-        bfq = (_try(os.path.join(blkio, "blkio.bfq.weight")) or "100").split()[-1]
-        if bfq.isdigit() and bfq != "100":
-            out["io_weight"] = str(int(bfq) if int(bfq) <= 100 else 100 + (int(bfq) - 100) * 11)
-    return out
+
+def in_force(name: str) -> dict[str, str]:
+    import json
+
+    try:
+        with open(os.path.join(paths.machine_runtime_dir(name), "limits.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: _size(v) if k in SIZE_KEYS and isinstance(v, int) else str(v) for k, v in data.items() if k in KEYS}
 
 
 def usage(cg: MachineCgroup) -> dict[str, int | None]:
@@ -431,6 +394,7 @@ def set_limits(name: str, assignments: list[str], runtime_only: bool) -> None:
     data = state.running(name)
     if data is not None:
         apply(_machine_cgroup(data), new, tuple(changes))
+        record(name, new)
     elif runtime_only:
         die(f"Machine {name} is not running", hint="without --runtime the limits are kept for its next start")
     if not runtime_only:
@@ -444,7 +408,7 @@ def status(data: dict[str, object]) -> dict[str, object]:
         return {}
     cg = cgroups.MachineCgroup.from_state(cg_state)
     use = usage(cg)
-    limits = in_force(cg)
+    limits = in_force(str(data.get("name")))
     info: dict[str, object] = {"MemoryCurrent": use["memory"], "CPUUsageNSec": use["cpu"], "TasksCurrent": use["tasks"],
                                **{f"Limit.{k}": v for k, v in limits.items()}}
     if use["memory"] is not None:

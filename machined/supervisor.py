@@ -176,6 +176,8 @@ class Supervisor:
         self.cgroup = cgroups.create(self.plan.name, rules, limits=self.plan.limits)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
+        if self.plan.limits is not None:
+            resources.record(self.plan.name, self.plan.limits)
         if self.plan.rules != devices.DEFAULT or self.plan.nodes:
             from machined import passthrough
 

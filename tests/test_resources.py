@@ -282,3 +282,17 @@ def test_bad_resource_settings(env: Env, body: str, words: tuple[str, ...]) -> N
     before = env.tree()
     assert_clean_error(env.mctl("start", name), *words)
     assert env.tree() == before
+
+
+def test_frozen_machine_of_killed_supervisor_is_cleaned_up(env: Env) -> None:
+    """A frozen v1 task ignores SIGKILL: the cleanup after a SIGKILLed supervisor thaws first."""
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    env.ok("start", name)
+    data = json.loads((env.runtime / "machines" / name / "state.json").read_text())
+    env.ok("freeze", name)
+    os.kill(data["supervisor"]["pid"], 9)
+    assert json.loads(env.ok("list", "-o", "json")) == []
+    assert not _alive(data["leader"]["pid"])
+    tops = Path("/sys/fs/cgroup").iterdir()
+    assert not any((top / "machine.slice" / f"machine-{name}.scope").exists() for top in tops)
