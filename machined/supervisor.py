@@ -63,8 +63,8 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False,
-                 nodes: tuple[Node, ...] = (), limits: Resources | None = None, hotplug: tuple[str, ...] = ()) -> None:
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None, nodes: tuple[Node, ...] = (),
+                 limits: Resources | None = None, hotplug: tuple[str, ...] = ()) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -75,7 +75,6 @@ class Plan:
         self.rules = rules
         self.kill_timeout = kill_timeout
         self.config = config
-        self.ephemeral_dir = ephemeral_dir
         self.nodes = nodes          # device nodes from the settings, made in /dev at every boot
         self.limits = limits
         self.hotplug = hotplug      # hotplug rules
