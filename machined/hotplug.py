@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 
 from machined import devices, passthrough
-from machined.log import MachinedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -120,8 +119,8 @@ class Watcher:
         passthrough.pass_in(self.name, self.data, node, "hotplug", pidfd)
         return f"passed in {node}"
 
-    def present(self) -> list[str]:
-        """Pass in the matching devices there already (before the first boot)."""
+    def present(self, pidfd: int | None = None) -> list[str]:
+        """Pass in the matching devices there already (at start, before the first boot)."""
         done = []
         subsystems = {r.matches_.get("subsystem") for r in self.rules}
         if None in subsystems or any(s and any(c in s for c in "*?[") for s in subsystems):
@@ -131,7 +130,7 @@ class Watcher:
         for device in found:
             rule = self._rule_for(device)
             if rule is not None:
-                msg = self._pass_in(device, rule, None)
+                msg = self._pass_in(device, rule, pidfd)
                 if msg:
                     done.append(msg)
         return done
@@ -140,7 +139,10 @@ class Watcher:
         """Act on the uevents waiting; returns what was done, for the console log."""
         done: list[str] = []
         while True:
-            device = self.monitor.poll(timeout=0)
+            try:
+                device = self.monitor.poll(timeout=0)
+            except OSError as e:  # ENOBUFS: the kernel dropped uevents; look at what is there now
+                return [*done, f"uevents lost ({e.strerror}), rescanning", *self.present(pidfd)]
             if device is None:
                 return done
             try:
@@ -151,7 +153,7 @@ class Watcher:
                     msg = self._pass_in(device, rule, pidfd) if rule is not None else None
                 else:
                     msg = None
-            except (MachinedError, OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - one device must not bring the machine down
                 msg = f"hotplug of {device.sys_path} failed: {e}"
             if msg:
                 done.append(msg)

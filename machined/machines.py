@@ -170,12 +170,10 @@ def _kill_timeout(name: str) -> float:
 
 
 def reboot(name: str, wait: bool = True, timeout: float = 60.0) -> None:
-    from machined import inits
+    from machined import inits, resources
 
     data = state.require_running(name)
     old_leader = data.get("leader")
-    from machined import resources
-
     resources.thaw_for_stop(data)
     boots = data.get("boots")
     state.signal_leader(data, inits.reboot_signal(str(data.get("init", "command"))))

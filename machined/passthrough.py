@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 
 from machined import cgroups, devices, linux, mounts, paths, spawn, state
 from machined.devices import Node, Rule
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from machined.config import MachineConfig
-
-ORIGINS = ("config", "bind", "hotplug")
-
 
 def _file(name: str, what: str) -> str:
     return os.path.join(paths.machine_runtime_dir(name), what)
@@ -57,7 +55,7 @@ class DeviceList:
         data = {"rules": [str(r) for r in self.rules],
                 "nodes": [{**node.to_state(), "origin": origin} for node, origin in self.nodes.values()]}
         with open(path + ".tmp", "w") as f:
-            json.dump(data, f, indent=1)
+            f.write(json.dumps(data, separators=(",", ":")))
         os.replace(path + ".tmp", path)
 
 
@@ -132,10 +130,12 @@ def guest_gid(rootfs: str, host_gid: int) -> int:
     try:
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = mounts.resolve(root_fd, "etc/group", flags=os.O_RDONLY)
+            fd = mounts.resolve(root_fd, "etc/group", flags=os.O_RDONLY | os.O_NONBLOCK)  # never a FIFO's wait
         finally:
             os.close(root_fd)
         with os.fdopen(fd) as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return host_gid
             for line in f.read(1 << 20).splitlines():
                 fields = line.split(":")
                 if len(fields) >= 3 and fields[0] == group and fields[2].isdigit():
@@ -170,8 +170,8 @@ def _apply(data: dict[str, object], dl: DeviceList, added: Rule | None, removed:
         fail(f"update the device cgroup of {data.get('name')}", e)
 
 
-def in_machine(pidfd: int, add: list[Node], remove: list[Node]) -> None:
-    """Make and remove nodes in the running machine's /dev, from a child in its mount namespace."""
+def in_machine(pidfd: int, node: Node, present: bool) -> None:
+    """Make (present) or remove node in the running machine's /dev, from a child in its mount namespace."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -181,10 +181,7 @@ def in_machine(pidfd: int, add: list[Node], remove: list[Node]) -> None:
             spawn.seal_imports()
             linux.setns(pidfd, linux.CLONE_NEWNS)  # its root becomes ours
             root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            for node in remove:
-                devices.remove_node(root, node)
-            for node in add:
-                devices.make_node(root, node)
+            (devices.make_node if present else devices.remove_node)(root, node)
         except BaseException as e:  # noqa: BLE001 - report, then exit
             os.write(w, (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).encode())
             code = 1
@@ -196,8 +193,7 @@ def in_machine(pidfd: int, add: list[Node], remove: list[Node]) -> None:
         os.close(r)
         os.waitpid(pid, 0)
     if msg:
-        what = ", ".join(n.path for n in add + remove)
-        fail(f"update {what} in the machine's /dev", msg)
+        fail(f"{'create' if present else 'remove'} {node.path} in the machine's /dev", msg)
 
 
 def pass_in(name: str, data: dict[str, object], node: Node, origin: str, pidfd: int | None) -> None:
@@ -210,7 +206,7 @@ def pass_in(name: str, data: dict[str, object], node: Node, origin: str, pidfd: 
         _apply(data, dl, node.rule(), replaced)
         dl.save(name)  # before the node: a failure below leaves an allowed device the list shows
         if pidfd is not None:
-            in_machine(pidfd, [node], [])  # a stale node of another device at the path is replaced
+            in_machine(pidfd, node, True)  # a stale node of another device at the path is replaced
 
 
 def take_out(name: str, data: dict[str, object], path: str, pidfd: int | None) -> Node | None:
@@ -223,7 +219,7 @@ def take_out(name: str, data: dict[str, object], path: str, pidfd: int | None) -
         _apply(data, dl, None, entry[0].rule())
         dl.save(name)
         if pidfd is not None:
-            in_machine(pidfd, [], [entry[0]])
+            in_machine(pidfd, entry[0], False)
         return entry[0]
 
 

@@ -27,7 +27,6 @@ SIZE_KEYS = ("memory_max", "memory_high", "memory_swap_max")
 SYSTEMD_NAMES = {"MemoryMax": "memory_max", "MemoryHigh": "memory_high", "MemorySwapMax": "memory_swap_max",
                  "CPUWeight": "cpu_weight", "CPUQuota": "cpu_quota", "AllowedCPUs": "cpuset_cpus",
                  "TasksMax": "tasks_max", "IOWeight": "io_weight"}
-V1_UNLIMITED = 1 << 62  # memory.*limit_in_bytes reads back as a page-rounded LONG_MAX
 PERIOD_US = 100_000
 
 
@@ -247,7 +246,7 @@ def record(name: str, res: Resources) -> None:
     os.replace(path + ".tmp", path)
 
 
-def in_force(name: str) -> dict[str, str]:
+def _recorded(name: str) -> dict[str, object]:
     import json
 
     try:
@@ -255,7 +254,11 @@ def in_force(name: str) -> dict[str, str]:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return {k: _size(v) if k in SIZE_KEYS and isinstance(v, int) else str(v) for k, v in data.items() if k in KEYS}
+    return {k: v for k, v in data.items() if k in KEYS} if isinstance(data, dict) else {}
+
+
+def in_force(name: str) -> dict[str, str]:
+    return {k: _size(v) if k in SIZE_KEYS and isinstance(v, int) else str(v) for k, v in _recorded(name).items()}
 
 
 def usage(cg: MachineCgroup) -> dict[str, int | None]:
@@ -386,19 +389,22 @@ def set_limits(name: str, assignments: list[str], runtime_only: bool) -> None:
     paths.check_name(name)
     changes = dict(parse_assignment(a) for a in assignments)
     cfg = machines.load_config(name)
-    new = dataclasses.replace(cfg.resources, **changes)  # type: ignore[arg-type]
+    data = state.running(name)
     try:
-        validate(new)
+        saved = dataclasses.replace(cfg.resources, **changes)  # type: ignore[arg-type]
+        validate(saved)
+        if data is not None:  # on top of what is in force, earlier --runtime changes included
+            live = dataclasses.replace(config.Resources(**_recorded(name)), **changes)  # type: ignore[arg-type]
+            validate(live)
     except ValueError as e:
         die(f"Invalid limit: {e}")
-    data = state.running(name)
     if data is not None:
-        apply(_machine_cgroup(data), new, tuple(changes))
-        record(name, new)
+        apply(_machine_cgroup(data), live, tuple(changes))
+        record(name, live)
     elif runtime_only:
         die(f"Machine {name} is not running", hint="without --runtime the limits are kept for its next start")
     if not runtime_only:
-        config.save(dataclasses.replace(cfg, resources=new))
+        config.save(dataclasses.replace(cfg, resources=saved))
 
 
 def status(data: dict[str, object]) -> dict[str, object]:

@@ -207,6 +207,8 @@ def test_set_limit_v1(env: Env) -> None:
     assert _read(pids / "pids.max") == "max" and _read(cpu / "cpu.cfs_quota_us") == "-1"
     assert _read(cpuset / "payload" / "cpuset.cpus") == _read(cpuset.parent / "cpuset.cpus")
     assert cfg_file.read_text() == saved
+    limits = _status(env, name)["Limits"]
+    assert "memory_max=128M" in limits and "tasks_max" not in limits and "cpu_quota" not in limits
     # The settings apply at the next start.
     env.ok("poweroff", name)
     env.ok("set-limit", name, "tasks_max=40")
