@@ -6,6 +6,7 @@
   freeze:  mctl freeze + thaw                    vs lxc-freeze + lxc-unfreeze
   limit:   mctl set-limit --runtime memory_max   vs lxc-cgroup memory.limit_in_bytes
   status:  mctl status                           vs lxc-info
+  list:    mctl list                             vs lxc-ls (the fixed cost of one command, for scale)
 
 Prints medians and the ratios mctl/LXC. mctl is a regular (non-editable) install of this checkout in
 a private venv (keyed by its sources), as a user would have it. Both tools run as separate
@@ -118,6 +119,8 @@ lxc.cgroup.pids.max = 100
             "limit": ([[mctl, "set-limit", name, "--runtime", "memory_max=96M"]],
                       [["lxc-cgroup", *lxc, "memory.limit_in_bytes", "96M"]]),
             "status": ([[mctl, "status", name]], [["lxc-info", *lxc]]),
+            # The fixed cost of one command (interpreter and imports for mctl), for scale.
+            "list": ([[mctl, "list"]], [["lxc-ls", "-P", str(lxcpath)]]),
         }
         results: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in ["start", *ops]}
 

@@ -132,16 +132,18 @@ def _set(scope: str, key: str, filename: str, value: str, controller: str) -> No
 
 
 def _set_cpus(scope: str, value: str | None, v1: bool) -> None:
-    """cpuset.cpus on the scope; v1 children must stay subsets, so widen top-down, then narrow bottom-up."""
-    parent = os.path.dirname(scope)
-    wide = _read(os.path.join(parent, "cpuset.cpus" if v1 else "cpuset.cpus.effective"))
-    dirs = [d for d, _, _ in os.walk(scope)] if v1 else [scope]
+    """cpuset.cpus on the scope. v1 children must stay subsets (and an empty v1 set is refused):
+    widen the subtree to the parent's CPUs top-down, then narrow it bottom-up."""
     try:
-        if v1:
-            for d in dirs:
-                _write(os.path.join(d, "cpuset.cpus"), wide)
+        if not v1:
+            _write(os.path.join(scope, "cpuset.cpus"), value or "")
+            return
+        wide = _read(os.path.join(os.path.dirname(scope), "cpuset.cpus"))
+        dirs = [d for d, _, _ in os.walk(scope)]
+        for d in dirs:
+            _write(os.path.join(d, "cpuset.cpus"), wide)
         for d in reversed(dirs):
-            _write(os.path.join(d, "cpuset.cpus"), value if value is not None else (wide if v1 else ""))
+            _write(os.path.join(d, "cpuset.cpus"), value or wide)
     except FileNotFoundError:
         fail(f"set cpuset_cpus on {os.path.basename(scope)}", "the cpuset controller is not available there")
     except OSError as e:
