@@ -19,6 +19,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+    from machined.config import Resources
+
 SLICE = "machine.slice"
 PAYLOAD = "payload"
 
@@ -291,8 +293,10 @@ def _copy_cpuset(parent: str, child: str) -> None:
         _write(os.path.join(child, key), _read(os.path.join(parent, key)).strip() or "\n")
 
 
-def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None) -> MachineCgroup:
-    """Create the machine's scope and payload in every hierarchy; undone completely on failure."""
+def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None,
+           limits: Resources | None = None) -> MachineCgroup:
+    """Create the machine's scope and payload in every hierarchy, with its device policy and limits;
+    undone completely on failure."""
     which = which or layout()
     hs = hierarchies(which)
     if not hs:
@@ -326,6 +330,10 @@ def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: st
             os.mkdir(payload)
             if "cpuset" in h.controllers:
                 _copy_cpuset(scope, payload)
+        if limits is not None:
+            from machined import resources
+
+            resources.apply(cg, limits)
     except OSError as e:
         cg.remove(timeout=1)
         fail(f"create cgroup for {name}", e)

@@ -308,6 +308,35 @@ def verb_remove(a: argparse.Namespace) -> int:
     return 0
 
 
+def verb_bind_device(a: argparse.Namespace) -> int:
+    from machined import passthrough
+
+    passthrough.bind(a.name, a.path, a.access)
+    return 0
+
+
+def verb_unbind_device(a: argparse.Namespace) -> int:
+    from machined import passthrough
+
+    passthrough.unbind(a.name, a.path)
+    return 0
+
+
+def verb_set_limit(a: argparse.Namespace) -> int:
+    from machined import resources
+
+    resources.set_limits(a.name, a.assignments, a.runtime)
+    return 0
+
+
+def verb_freeze(a: argparse.Namespace) -> int:
+    from machined import resources
+
+    for name in a.names:
+        (resources.freeze if a.verb == "freeze" else resources.thaw)(name)
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 class _Formatter(argparse.HelpFormatter):
@@ -433,6 +462,26 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
 
     sp = verb("remove", verb_remove, "remove machines' images and configuration", aliases=["rm"])
     sp.add_argument("names", nargs="+", metavar="NAME")
+
+    sp = verb("bind-device", verb_bind_device, "pass a host device node into a running machine")
+    sp.add_argument("name")
+    sp.add_argument("path", metavar="/dev/NODE")
+    sp.add_argument("--access", default="rwm", help="r, w, m or a combination (default rwm)")
+
+    sp = verb("unbind-device", verb_unbind_device, "take a passed-in device out of a running machine")
+    sp.add_argument("name")
+    sp.add_argument("path", metavar="/dev/NODE")
+
+    sp = verb("set-limit", verb_set_limit, "change resource limits, at once if the machine runs, and in its settings")
+    sp.add_argument("name")
+    sp.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
+                    help="memory_max, memory_high, memory_swap_max, cpu_weight, cpu_quota, cpuset_cpus, "
+                         "tasks_max, io_weight; 'max' removes a limit")
+    sp.add_argument("--runtime", action="store_true", help="only until the machine stops")
+
+    for name, help_ in (("freeze", "freeze every process of machines"), ("thaw", "resume frozen machines")):
+        sp = verb(name, verb_freeze, help_)
+        sp.add_argument("names", nargs="+", metavar="NAME")
     return p, built
 
 

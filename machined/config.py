@@ -49,13 +49,39 @@ class Network:
 
 @dataclass(frozen=True)
 class Resources:
+    """Limits on the machine's cgroup, with systemd's meanings (see machined.resources)."""
+
     memory_max: int | None = None
+    memory_high: int | None = None
+    memory_swap_max: int | None = None
+    cpu_weight: int | None = None     # 1..10000, default 100
+    cpu_quota: str | None = None      # "50%" of one CPU
+    cpuset_cpus: str | None = None    # "0-1,3"
     tasks_max: int | None = None
+    io_weight: int | None = None      # 1..10000, default 100
+
+    def validate(self) -> None:
+        if self != Resources():
+            from machined import resources
+
+            resources.validate(self)
 
 
 @dataclass(frozen=True)
 class Devices:
-    allow: tuple[str, ...] = ()  # extra device rules, 'c 10:232 rwm'
+    allow: tuple[str, ...] = ()    # '/dev/fuse rw', 'char-usb_device rw', 'block-loop r', 'c 10:232 rwm'
+    hotplug: tuple[str, ...] = ()  # 'subsystem=usb vendor=046d product=c52b access=rw' (see machined.hotplug)
+
+    def validate(self) -> None:
+        if self.allow:
+            from machined import devices
+
+            for entry in self.allow:
+                devices.parse_entry(entry)
+        if self.hotplug:
+            from machined import hotplug
+
+            hotplug.parse(self.hotplug)
 
 
 @dataclass(frozen=True)
@@ -81,14 +107,12 @@ class MachineConfig:
         if self.kill_timeout <= 0:
             raise ValueError("kill_timeout must be positive")
         self.network.validate()
-        from machined import devices
-
-        for rule in self.devices.allow:
-            devices.Rule.parse(rule)
+        self.resources.validate()
+        self.devices.validate()
 
 
 _SECTIONS: dict[str, type] = {"network": Network, "resources": Resources, "devices": Devices}
-_SIZE_KEYS = {"memory_max"}
+_SIZE_KEYS = {"memory_max", "memory_high", "memory_swap_max"}
 
 
 def _coerce(cls: type, section: str, data: dict[str, Any], where: str, **fixed: Any) -> Any:

@@ -130,9 +130,10 @@ def stop(name: str, how: str, timeout: float | None = None, wait: bool = True) -
     A poweroff goes through the supervisor (SIGTERM), which knows the guest's init, watches the
     shutdown and kills the machine after its kill_timeout; we wait a little longer than that.
     """
-    from machined import inits
+    from machined import inits, resources
 
     data = state.require_running(name)
+    resources.thaw_for_stop(data)  # a frozen (v1) process takes no signal, not even SIGKILL
     if how == "terminate":
         state.signal_leader(data, signal.SIGKILL)
         limit = 10.0
@@ -169,10 +170,11 @@ def _kill_timeout(name: str) -> float:
 
 
 def reboot(name: str, wait: bool = True, timeout: float = 60.0) -> None:
-    from machined import inits
+    from machined import inits, resources
 
     data = state.require_running(name)
     old_leader = data.get("leader")
+    resources.thaw_for_stop(data)
     boots = data.get("boots")
     state.signal_leader(data, inits.reboot_signal(str(data.get("init", "command"))))
     if not wait:
@@ -285,6 +287,10 @@ def machine_info(data: dict[str, object]) -> dict[str, object]:
         "Addresses": data.get("addresses", []),
         "NetworkInterfaces": data.get("interfaces", []),
     }
+    from machined import passthrough, resources
+
+    info.update(resources.status(data))  # usage, limits, frozen
+    info.update(passthrough.status(name))
     return info
 
 
@@ -302,13 +308,17 @@ def stopped_info(name: str) -> dict[str, object]:
 
     cfg = load_config(name)
     osr = _os_release(paths.image_path(name))
-    return {
+    result: dict[str, object] = {
         "Name": name, "Id": cfg.id, "Class": "container", "Service": "machined", "State": "stopped",
         "RootDirectory": paths.image_path(name), "Template": cfg.template, "Release": cfg.release,
         "ReadOnly": cfg.read_only, "OS": osr.get("ID", ""), "OSVersion": osr.get("VERSION_ID", ""),
         "OSPrettyName": osr.get("PRETTY_NAME", ""), "Config": paths.config_path(name),
         "Settings": config.to_toml(cfg),
     }
+    from machined import passthrough
+
+    result.update(passthrough.settings_status(cfg, running=False))  # devices, hotplug rules, limits
+    return result
 
 
 def info(name: str) -> dict[str, object]:
@@ -322,6 +332,9 @@ def info(name: str) -> dict[str, object]:
             cfg = config.load(name)
             result.update({"Template": cfg.template, "Release": cfg.release, "ReadOnly": cfg.read_only,
                            "Config": paths.config_path(name)})
+            from machined import passthrough
+
+            result.update(passthrough.settings_status(cfg, running=True))
         return result
     if os.path.isdir(paths.image_path(name)) or os.path.exists(paths.config_path(name)):
         return stopped_info(name)

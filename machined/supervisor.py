@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, paths, spawn, state
+from machined import cgroups, devices, inits, linux, paths, resources, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import socket
     from typing import Any
 
-    from machined.config import MachineConfig
+    from machined.config import MachineConfig, Resources
+    from machined.devices import Node
+    from machined.hotplug import Watcher
 
 LOG_MAX = 1 << 20
 
@@ -61,7 +63,8 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None) -> None:
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None, nodes: tuple[Node, ...] = (),
+                 limits: Resources | None = None, hotplug: tuple[str, ...] = ()) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -72,6 +75,9 @@ class Plan:
         self.rules = rules
         self.kill_timeout = kill_timeout
         self.config = config
+        self.nodes = nodes          # device nodes from the settings, made in /dev at every boot
+        self.limits = limits
+        self.hotplug = hotplug      # hotplug rules
 
 
 def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
@@ -85,10 +91,19 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
     mounts.preflight(rootfs)
     if boot:
         mounts.check_init(rootfs, cfg.init)
-    rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)
+    rules: tuple[devices.Rule, ...] = devices.DEFAULT
+    nodes: tuple[Node, ...] = ()
+    if cfg.devices.allow:
+        from machined import passthrough
+
+        rules, nodes = passthrough.plan(cfg, rootfs)
+    from machined import config
+
+    limits = cfg.resources if cfg.resources != config.Resources() else None
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
                 init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
-                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg)
+                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg, nodes=nodes, limits=limits,
+                hotplug=cfg.devices.hotplug)
 
 
 class Supervisor:
@@ -115,6 +130,7 @@ class Supervisor:
         self.saved_tty: list[Any] | None = None
         self.console_tail = b""
         self.console_path = ""
+        self.hotplug: Watcher | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -155,9 +171,16 @@ class Supervisor:
             "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
             "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
         })
-        self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
+        rules = self.plan.rules + tuple(node.rule() for node in self.plan.nodes)
+        self.cgroup = cgroups.create(self.plan.name, rules, limits=self.plan.limits)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
+        if self.plan.limits is not None:
+            resources.record(self.plan.name, self.plan.limits)
+        if self.plan.rules != devices.DEFAULT or self.plan.nodes:
+            from machined import passthrough
+
+            passthrough.record(self.plan.name, self.plan.rules, self.plan.nodes)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -186,6 +209,26 @@ class Supervisor:
             self.saved_tty = termios.tcgetattr(0)
             tty.setraw(0)
             self.sel.register(0, "stdin")
+        if self.plan.hotplug:
+            self._watch_hotplug()
+
+    def _watch_hotplug(self) -> None:
+        from machined import hotplug
+
+        try:
+            self.hotplug = hotplug.Watcher(self.plan.name, hotplug.parse(self.plan.hotplug), self.data)
+            done = self.hotplug.present()
+        except (OSError, ValueError) as e:
+            die(f"Failed to watch devices for {self.plan.name}: {e}")
+        for msg in done:
+            self._log(f"[machined: {msg}]\r\n".encode())
+        self.sel.register(self.hotplug.fileno(), "uevent")
+
+    def _on_uevent(self) -> None:
+        assert self.hotplug is not None
+        pidfd = self.child.pidfd if self.child is not None and self.child.pidfd >= 0 else None
+        for msg in self.hotplug.handle(pidfd):
+            self._log(f"\r\n[machined: {msg}]\r\n".encode())
 
     def _spec(self) -> spawn.Spec:
         if self.slave >= 0 and self.boots:
@@ -193,12 +236,19 @@ class Supervisor:
             os.close(self.slave)
             self.slave = os.open(self.console_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         console = self.console_path if self.slave >= 0 else None
-        return spawn.Spec(
+        spec = spawn.Spec(
             name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
             boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
             machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
             console=console, bind_machine_id=self.plan.init_kind != "systemd",
         )
+        if os.path.exists(os.path.join(self.rundir, "devices.json")):
+            from machined import passthrough
+
+            hook = passthrough.node_hook(self.plan.name)  # settings, bind-device and hotplug, at every boot
+            if hook is not None:
+                spec.in_child.append(hook)
+        return spec
 
     def _write_state(self) -> None:
         assert self.child is not None
@@ -257,6 +307,8 @@ class Supervisor:
                         self._on_client_input()
                     elif what == "stdin":
                         self._on_stdin()
+                    elif what == "uevent":
+                        self._on_uevent()
                 if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                     self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
                     self._signal_leader(signal.SIGKILL)
@@ -280,6 +332,7 @@ class Supervisor:
             self.stopping = True
             self.data["state"] = "stopping"
             state.write(self.plan.name, self.data)
+            resources.thaw_for_stop(self.data)
             if self.plan.boot:
                 self._signal_leader(inits.poweroff_signal(self.plan.init_kind))
             else:
@@ -424,6 +477,7 @@ class Supervisor:
 
     def _teardown(self) -> None:
         if self.child is not None and self.child.pidfd >= 0:
+            resources.thaw_for_stop(self.data)
             self._signal_leader(signal.SIGKILL)
             try:
                 os.waitpid(self.child.pid, 0)
@@ -540,6 +594,7 @@ def run_foreground(plan: Plan, lock: state.Lock) -> int:
 
 def kill_leftovers(data: dict[str, object]) -> None:
     """SIGKILL the machine's init and anything still in its cgroup (teardown step)."""
+    resources.thaw_for_stop(data)
     fd = state.open_process(data.get("leader"))
     if fd is not None:
         try:

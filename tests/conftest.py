@@ -182,8 +182,11 @@ def _host_snapshot() -> dict[str, object]:
     supervisors = sorted(
         p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "machined-sup" and TOKEN in _cmdline(p)
     )
+    # Loop devices are global: the tests name their backing files with TOKEN.
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    loop_devices = sorted(line.split(":")[0] for line in loops.splitlines() if TOKEN in line)
     return {"mounts": mounts, "cgroups": sorted(cgroups), "links": link_names, "nft": nft_lines,
-            "netns": netns, "supervisors": supervisors}
+            "netns": netns, "supervisors": supervisors, "loops": loop_devices}
 
 
 def _comm(pid: str) -> str:
