@@ -43,11 +43,11 @@ def _image_machine_id(rootfs: str) -> str | None:
     return value if len(value) == 32 and all(c in "0123456789abcdef" for c in value) else None
 
 
-def start(name: str, foreground: bool = False) -> int:
+def start(name: str, foreground: bool = False, ephemeral: bool = False) -> int:
     from machined import supervisor
 
     cfg = load_config(name)
-    plan = supervisor.plan_from_config(cfg)
+    plan = supervisor.plan_from_config(cfg, ephemeral=ephemeral)
     lock = supervisor.acquire(name)
     if foreground:
         return supervisor.run_foreground(plan, lock)

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, paths, spawn, state
+from machined import cgroups, devices, inits, linux, mounts, paths, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -61,7 +61,8 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False) -> None:
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None,
+                 overlay: mounts.Overlay | None = None, ephemeral: str = "") -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -72,24 +73,35 @@ class Plan:
         self.rules = rules
         self.kill_timeout = kill_timeout
         self.config = config
-        self.ephemeral_dir = ephemeral_dir
+        self.overlay = overlay          # the root is an overlay (overlay image or ephemeral run)
+        self.ephemeral = ephemeral      # the throw-away layer of an ephemeral run, removed at teardown
 
 
-def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
+def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemeral: bool = False) -> Plan:
     rootfs = paths.image_path(cfg.name)
     if not os.path.isdir(rootfs):
         die(f"Failed to start {cfg.name}: root file system {rootfs} is missing")
     boot = argv is None
     init_argv = [cfg.init] if boot else list(argv or [])
-    from machined import mounts
 
-    mounts.preflight(rootfs)
-    if boot:
-        mounts.check_init(rootfs, cfg.init)
+    def check() -> str:
+        mounts.preflight(rootfs)
+        if boot:
+            mounts.check_init(rootfs, cfg.init)
+        return inits.detect(rootfs, cfg.init) if boot else "command"
+
+    overlay, layer = None, ""
+    if cfg.base or ephemeral:  # overlay image or throw-away run: checked on the merged tree
+        from machined import images
+
+        overlay, layer = images.runtime_overlay(cfg, ephemeral)
+        init_kind = images.check_in_view(cfg, check)
+    else:
+        init_kind = check()
     rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
-                init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
-                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg)
+                init_kind=init_kind, read_only=cfg.read_only, rules=rules, kill_timeout=cfg.kill_timeout,
+                config=cfg, overlay=overlay, ephemeral=layer)
 
 
 class Supervisor:
@@ -156,6 +168,8 @@ class Supervisor:
             "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
             "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
         })
+        if self.plan.ephemeral:
+            self.data["ephemeral"] = self.plan.ephemeral  # recorded before the first boot makes it
         self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
@@ -198,7 +212,7 @@ class Supervisor:
             name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
             boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
             machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
-            console=console, bind_machine_id=self.plan.init_kind != "systemd",
+            console=console, bind_machine_id=self.plan.init_kind != "systemd", overlay=self.plan.overlay,
         )
 
     def _write_state(self) -> None:
