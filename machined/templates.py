@@ -112,11 +112,11 @@ class Template:
         self.when: dict[str, str] = dict(base.when) if base else {}
         self.files: dict[str, str] = dict(base.files) if base else {}  # target (may hold Jinja) -> source
         try:
-            self.modes.update({k.strip("/"): int(str(v), 8) for k, v in meta.get("modes", {}).items()})
+            self.modes.update({k: int(str(v), 8) for k, v in meta.get("modes", {}).items()})
         except ValueError as e:
             fail(f"load template {name}", f"bad mode in {where}: {e}")
-        self.symlinks.update({k.strip("/"): str(v) for k, v in meta.get("symlinks", {}).items()})
-        self.when.update({k.strip("/"): str(v) for k, v in meta.get("when", {}).items()})
+        self.symlinks.update({k: str(v) for k, v in meta.get("symlinks", {}).items()})
+        self.when.update({k: str(v) for k, v in meta.get("when", {}).items()})
         files_dir = os.path.join(path, "files")
         for src in _tree_files(files_dir, name):
             rel = os.path.relpath(src, files_dir)
@@ -125,7 +125,7 @@ class Template:
             src = os.path.normpath(os.path.join(path, str(source)))
             if not src.startswith(path + "/") or not os.path.isfile(src) or os.path.islink(src):
                 fail(f"load template {name}", f"file source {source!r} is not a file inside the template")
-            self.files[target.strip("/")] = src
+            self.files[target] = src
         self.parameters: dict[str, Parameter] = dict(base.parameters) if base else {}
         for pname, spec in meta.get("parameters", {}).items():
             if not isinstance(spec, dict) or set(spec) - _PARAM_KEYS:
@@ -223,7 +223,8 @@ def _environment(root_fd: int) -> Any:
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True,
+                               trim_blocks=True, lstrip_blocks=True)
 
     def rootfs_read(path: str) -> str:
         """A file of the machine's tree as it is before rendering ('' if absent), e.g. to edit /etc/shadow."""
