@@ -112,8 +112,7 @@ def extract(path: str, rootfs: str) -> None:
         die(f"Failed to import {path}: {e.strerror or e}")
     proc = None
     try:
-        head = f.read(6)
-        f.seek(0)
+        head = os.pread(f.fileno(), 6, 0)  # leaves the offset at 0 for the decompressor
         kind = next((k for magic, k in _MAGIC if head.startswith(magic)), "")
         stream: IO[bytes] = f
         if kind == "zstd":
@@ -183,7 +182,10 @@ class _Extractor:
         try:
             return (mounts.resolve_dir(self.root_fd, parent, create=create, mode=0o700) if parent
                     else os.dup(self.root_fd)), base
+        except FileNotFoundError:
+            raise _Refused(f"entry {rel!r} names no earlier entry of the image") from None
         except OSError as e:
+            # ELOOP: a symlink on the way (resolve_dir never follows one); ENOTDIR: a file on the way.
             raise _Refused(f"entry {rel!r} would be written through {e.strerror or e}") from None
 
     def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
@@ -238,8 +240,13 @@ class _Extractor:
         try:
             src = tf.extractfile(m)
             if src is not None:
-                while chunk := src.read(1 << 20):
-                    os.write(fd, chunk)
+                # Blocks of zeros become holes: sparse files (disk images, databases) stay sparse.
+                while chunk := src.read(1 << 16):
+                    if chunk.count(0) == len(chunk):
+                        os.lseek(fd, len(chunk), os.SEEK_CUR)
+                    else:
+                        os.write(fd, chunk)
+                os.ftruncate(fd, m.size)
             self.attributes(m, mounts.fdpath(fd))
         finally:
             os.close(fd)
