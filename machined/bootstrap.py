@@ -15,13 +15,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
-from machined import linux, paths
+from machined import paths
 from machined.log import die, fail
 
 TYPE_CHECKING = False
@@ -212,10 +211,6 @@ def command(tmpl: Template, release: str, params: dict[str, Any], target: str) -
         hint="apt install mmdebstrap")
 
 
-def _die_with_parent() -> None:
-    linux.set_pdeathsig(signal.SIGKILL)
-
-
 def _build(tmpl: Template, release: str, params: dict[str, Any], target: str, key: str) -> str:
     tool, argv = command(tmpl, release, params, target)
     logpath = os.path.join(cache_dir(), f"{key}.log")
@@ -223,12 +218,14 @@ def _build(tmpl: Template, release: str, params: dict[str, Any], target: str, ke
     # and a mount namespace keeps the tool's /proc, /sys and /dev mounts off the host.
     wrapped = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "slave", "--mount-proc",
                *argv]
+    from machined import images
+
     progress = Progress(f"{tmpl.distro} {release} {host_arch()}", target) if sys.stderr.isatty() else None
     with open(logpath, "w") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
         proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, close_fds=True)
+                                stderr=subprocess.STDOUT, preexec_fn=images.die_with_us, close_fds=True)
         assert proc.stdout is not None
         last = ""
         try:

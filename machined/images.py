@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from typing import Any
@@ -53,12 +54,17 @@ def copy_tree(src: str, dst: str) -> None:
     GNU cp does it best: copy_file_range, and reflinks (copy-on-write) where the file system has them.
     """
     proc = subprocess.run(["cp", "-a", "--reflink=auto", "--no-target-directory", "--", src, dst],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, preexec_fn=die_with_us)
     if proc.returncode != 0:
         reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"cp exited {proc.returncode}"
         if "No space left" in reason:
             reason = os.strerror(errno.ENOSPC)
         raise MachinedError(f"Failed to copy {src} to {dst}: {reason.removeprefix('cp: ')}")
+
+
+def die_with_us() -> None:
+    """preexec_fn of helpers (cp, tar): a killed mctl must not leave one writing into a tree."""
+    linux.set_pdeathsig(signal.SIGKILL)
 
 
 def remove_tree(path: str) -> None:

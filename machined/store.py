@@ -79,6 +79,8 @@ def create(name: str, template: str, release: str | None, settings: list[str], s
 
     tmpl = templates.load(template)
     params = templates.resolve_params(tmpl, settings)
+    if release and not tmpl.releases:
+        die(f"Invalid release {release!r}: template {template} has no releases")
     release = release or tmpl.default_release
     if tmpl.releases and release not in tmpl.releases:
         die(f"Invalid release {release!r} for template {template}: choose one of {', '.join(tmpl.releases)}")

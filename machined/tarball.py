@@ -63,7 +63,8 @@ def export(name: str, path: str, fmt: str | None = None) -> None:
                 proc = subprocess.run(
                     ["tar", "--create", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse",
                      "--one-file-system", *FORMATS[compression], "--directory", root, "."],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True)
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True,
+                    preexec_fn=images.die_with_us)
         finally:
             os.close(out)
         # tar exits 1 for "file changed as we read it", which cannot happen to a stopped machine's tree.
@@ -116,7 +117,10 @@ def extract(path: str, rootfs: str) -> None:
         kind = next((k for magic, k in _MAGIC if head.startswith(magic)), "")
         stream: IO[bytes] = f
         if kind == "zstd":
-            proc = subprocess.Popen(["zstd", "-dc"], stdin=f, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            from machined import images
+
+            proc = subprocess.Popen(["zstd", "-dc"], stdin=f, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    preexec_fn=images.die_with_us)
             assert proc.stdout is not None
             stream, kind = proc.stdout, ""
         try:
