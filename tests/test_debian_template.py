@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -141,8 +140,14 @@ def test_directory_storage_boots(env: Env) -> None:
     assert (env.images / name / "usr/lib/systemd/systemd").exists()
     boot(env, name)
     assert mctl(env, "shell", name, "--", "systemctl", "is-active", "systemd-networkd").stdout.strip() == "inactive"
-    ok(env, "read-only", name, "yes")
     ok(env, "poweroff", name)
+    # Read-only, systemd still boots to 'running' and nothing can write the tree.
+    ok(env, "read-only", name, "yes")
+    boot(env, name)
+    r = mctl(env, "shell", name, "--", "touch", "/etc/written")
+    assert r.returncode != 0 and "Read-only file system" in r.stdout + r.stderr
+    ok(env, "poweroff", name)
+    assert not (env.images / name / "etc/written").exists()
 
 
 def test_trixie_boots(env: Env) -> None:
