@@ -65,7 +65,10 @@ def test_debian_bookworm_boots_with_rendered_files(env: Env, keypair: tuple[Path
            "--set", "network=static", "--set", "address=10.42.0.2/24", "--set", "gateway=10.42.0.1",
            "--set", "timezone=Europe/Paris")
     boot(env, name)
-    sh = lambda *cmd: ok(env, "shell", name, "--", *cmd)  # noqa: E731
+
+    def sh(*cmd: str) -> str:
+        return ok(env, "shell", name, "--", *cmd)
+
     assert sh("hostname").strip() == "web1"
     assert sh("cat", "/etc/os-release").count('VERSION_CODENAME=bookworm') == 1
     network = sh("cat", "/etc/systemd/network/80-container-host0.network")
