@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from typing import Any
@@ -68,27 +69,22 @@ def die_with_us() -> None:
 
 
 def remove_tree(path: str) -> None:
-    """rm -rf without following symlinks, making read-only directories writable on the way."""
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o755)
-            func(p)
-        except OSError:
-            pass
-
+    """rm -rf without following symlinks, best effort; directories without rwx for their owner (a
+    guest's 0555 directory, overlayfs's work/work with mode 000) are opened up first."""
     if os.path.islink(path) or not os.path.isdir(path):
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         return
-    os.chmod(path, 0o700)  # overlayfs leaves work/work with mode 000
+    os.chmod(path, 0o700)
     for dirpath, dirs, _files in os.walk(path):
         for d in dirs:
             p = os.path.join(dirpath, d)
-            if not os.path.islink(p) and not os.stat(p, follow_symlinks=False).st_mode & 0o700 == 0o700:
+            st = os.stat(p, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o700 != 0o700:
                 os.chmod(p, 0o700)
-    shutil.rmtree(path, onerror=onerror)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def reflink_works(src_tree: str) -> bool:
@@ -178,13 +174,6 @@ def hold_base(key: str, tree: str) -> BaseRef:
     except BaseException:
         os.close(fd)
         raise
-
-
-def base_of(name: str) -> str:
-    """The base layer of image name ('' for a self-contained directory image)."""
-    if not config.exists(name):
-        return ""
-    return config.load(name).base
 
 
 # --- merged views --------------------------------------------------------------------------------
@@ -343,7 +332,7 @@ def rename(old: str, new: str) -> None:
             if os.path.lexists(new_path) or config.exists(new):
                 die(f"Failed to rename {old} to {new}: {new} already exists")
             old_cfg_path = paths.config_path(old)
-            config.save(_save_as(cfg, new))
+            _save(cfg, name=new)
             try:
                 os.rename(old_path, new_path)
             except OSError:
@@ -359,12 +348,6 @@ def rename(old: str, new: str) -> None:
         die(f"Failed to rename {old} to {new}: {e.strerror or e}")
     finally:
         lock.release()
-
-
-def _save_as(cfg: config.MachineConfig, name: str) -> config.MachineConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, name=name)
 
 
 def set_read_only(name: str, value: bool | None) -> bool:

@@ -84,7 +84,9 @@ def test_debian_bookworm_boots_with_rendered_files(env: Env, keypair: tuple[Path
                "-o", "BatchMode=yes", "root@127.0.0.1", "echo", "logged-in-as-$(id -un)")
     assert login.strip() == "logged-in-as-root"
     host_key = sh("cat", "/etc/ssh/ssh_host_ed25519_key.pub")
+    assert json.loads(ok(env, "show", name, "-o", "json"))["OSVersion"] == "12"  # read in the machine's root
     ok(env, "poweroff", name)
+    assert json.loads(ok(env, "show", name, "-o", "json"))["OS"] == "debian"  # read in the merged tree
     info = json.loads(ok(env, "list-images", "-o", "json"))
     assert [(i["name"], i["type"], i["template"]) for i in info] == [(name, "overlay", "debian")]
     # A second machine of the same kind: made from the cache in well under a second, its own ssh keys.
