@@ -343,14 +343,8 @@ def verb_rename(a: argparse.Namespace) -> int:
 def verb_read_only(a: argparse.Namespace) -> int:
     from machined import images
 
-    value = None
-    if a.value is not None:
-        low = a.value.lower()
-        if low not in ("1", "yes", "true", "on", "0", "no", "false", "off"):
-            log.die(f"Invalid read-only value {a.value!r}: expected yes or no")
-        value = low in ("1", "yes", "true", "on")
-    result = images.set_read_only(a.name, value)
-    if value is None:
+    result = images.set_read_only(a.name, a.value)
+    if a.value is None:
         print("yes" if result else "no")
     return 0
 

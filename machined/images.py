@@ -237,10 +237,10 @@ def _check_base(cfg: config.MachineConfig) -> None:
         die(f"Failed to start {cfg.name}: its base layer {cfg.base} is missing from {private_dir('bases')}")
 
 
-def check_in_view(cfg: config.MachineConfig, check: Any) -> Any:
-    """Run check() with the image's merged tree at its path (the checks of a start)."""
+def in_merged_view(cfg: config.MachineConfig, fn: Any) -> Any:
+    """fn() run with the image's merged tree at its path (the checks of a start, its os-release)."""
     with merged(cfg.name, cfg.base):
-        return check()
+        return fn()
 
 
 def remove_ephemeral(data: dict[str, object]) -> None:
@@ -350,13 +350,17 @@ def rename(old: str, new: str) -> None:
         lock.release()
 
 
-def set_read_only(name: str, value: bool | None) -> bool:
-    """Show (value None) or set whether the machine's root file system is read-only."""
-    from machined import machines, store
+def set_read_only(name: str, text: str | None) -> bool:
+    """Show (text None) or set (yes/no) whether the machine's root file system is read-only."""
+    from machined import machines, store, templates
 
     _require_image(name, "change")
-    if value is None:
+    if text is None:
         return machines.load_config(name).read_only
+    try:
+        value = templates.parse_bool(text)
+    except ValueError as e:
+        die(f"Invalid read-only value: {e}")
     lock = store.image_lock(name, "change")
     try:
         _save(machines.load_config(name), read_only=value)

@@ -312,7 +312,7 @@ def stopped_info(name: str) -> dict[str, object]:
     if cfg.base:  # an overlay image: its merged tree
         from machined import images
 
-        osr = images.check_in_view(cfg, lambda: _os_release(paths.image_path(name)))
+        osr = images.in_merged_view(cfg, lambda: _os_release(paths.image_path(name)))
     else:
         osr = _os_release(paths.image_path(name))
     return {

@@ -95,7 +95,7 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemera
         from machined import images
 
         overlay, layer = images.runtime_overlay(cfg, ephemeral)
-        init_kind = images.check_in_view(cfg, check)
+        init_kind = images.in_merged_view(cfg, check)
     else:
         init_kind = check()
     rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)

@@ -29,6 +29,15 @@ _META_KEYS = {"description", "bootstrap", "base", "distro", "releases", "default
 _PARAM_KEYS = {"type", "default", "help", "choices", "pattern"}
 
 
+def parse_bool(raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "yes", "true", "on"):
+        return True
+    if low in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (yes/no)")
+
+
 class Parameter:
     def __init__(self, name: str, type_: str, default: Any, help_: str, choices: list[Any] | None = None,
                  pattern: str | None = None) -> None:
@@ -46,13 +55,7 @@ class Parameter:
             except ValueError:
                 raise ValueError(f"{raw!r} is not an integer") from None
         elif self.type == "bool":
-            low = raw.lower()
-            if low in ("1", "yes", "true", "on"):
-                value = True
-            elif low in ("0", "no", "false", "off"):
-                value = False
-            else:
-                raise ValueError(f"{raw!r} is not a boolean (yes/no)")
+            value = parse_bool(raw)
         elif self.type in ("list", "lines"):
             sep = "," if self.type == "list" else "\n"
             value = list(previous or []) + [item.strip() for item in raw.split(sep) if item.strip()]

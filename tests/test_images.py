@@ -94,7 +94,7 @@ def test_read_only_machine_boots_and_cannot_write(env: Env) -> None:
     before = env.tree()
     assert_clean_error(env.mctl("remove", name), "read-only")
     assert_clean_error(env.mctl("rename", name, env.name()), "read-only")
-    assert_clean_error(env.mctl("read-only", name, "maybe"), "expected yes or no")
+    assert_clean_error(env.mctl("read-only", name, "maybe"), "not a boolean")
     assert env.tree() == before
     env.ok("read-only", name, "no")
     env.ok("remove", name)
