@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import TOKEN, Env
 from tests.test_bad_input import assert_clean_error
+from tests.test_teardown import _wait as wait_for
 
 pytestmark = pytest.mark.root
 
@@ -27,15 +28,6 @@ def busybox(env: Env, prefix: str = "t") -> str:
 
 def machine_id(env: Env, name: str) -> str:
     return json.loads(env.ok("show", name, "-o", "json"))["Id"]  # type: ignore[no-any-return]
-
-
-def wait_for(cond: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_clone_is_an_independent_machine(env: Env) -> None:
