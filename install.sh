@@ -21,7 +21,7 @@ apt-get update -qq
 # python3-venv for the package's environment.
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv busybox-static mmdebstrap debootstrap debian-archive-keyring \
-    nftables iproute2 dnsmasq-base zstd xz-utils ca-certificates libudev1 >/dev/null
+    nftables iproute2 dnsmasq-base zstd xz-utils ca-certificates util-linux libudev1 >/dev/null
 
 /usr/bin/python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install -q --disable-pip-version-check .

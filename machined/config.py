@@ -91,6 +91,7 @@ class MachineConfig:
     template: str = ""
     release: str = ""
     created: str = ""
+    base: str = ""  # an overlay image's shared base layer (IMAGE_DIR/.machined/bases/BASE); "" for a full tree
     init: str = "/sbin/init"
     read_only: bool = False
     kill_timeout: float = 30.0  # seconds a poweroff may take before the machine is killed
@@ -102,6 +103,8 @@ class MachineConfig:
         paths.check_name(self.name)
         if len(self.id) != 32 or any(c not in "0123456789abcdef" for c in self.id):
             raise ValueError(f"id {self.id!r} is not 32 lowercase hex digits")
+        if self.base and paths.name_error(self.base):
+            raise ValueError(f"base {self.base!r} is not a valid base layer name")
         if not self.init.startswith("/"):
             raise ValueError(f"init {self.init!r} is not an absolute path")
         if self.kill_timeout <= 0:

@@ -43,11 +43,11 @@ def _image_machine_id(rootfs: str) -> str | None:
     return value if len(value) == 32 and all(c in "0123456789abcdef" for c in value) else None
 
 
-def start(name: str, foreground: bool = False) -> int:
+def start(name: str, foreground: bool = False, ephemeral: bool = False) -> int:
     from machined import supervisor
 
     cfg = load_config(name)
-    plan = supervisor.plan_from_config(cfg)
+    plan = supervisor.plan_from_config(cfg, ephemeral=ephemeral)
     lock = supervisor.acquire(name)
     if foreground:
         return supervisor.run_foreground(plan, lock)
@@ -256,7 +256,15 @@ def _os_release(rootfs: str) -> dict[str, str]:
 def machine_info(data: dict[str, object]) -> dict[str, object]:
     """The properties of a running machine, as show prints them."""
     name = str(data["name"])
-    osr = _os_release(str(data.get("rootfs", "")))
+    # The machine's own root, as its init sees it (an overlay or ephemeral root is not the image directory).
+    leader_ref = data.get("leader")
+    leader_fd = state.open_process(leader_ref)
+    root = str(data.get("rootfs", ""))
+    if leader_fd is not None and isinstance(leader_ref, dict):
+        root = f"/proc/{leader_ref['pid']}/root"  # the recorded init, checked alive through its pidfd
+    osr = _os_release(root)
+    if leader_fd is not None:
+        os.close(leader_fd)
     leader = data.get("leader")
     supervisor = data.get("supervisor")
     cg = data.get("cgroup")
@@ -307,7 +315,12 @@ def stopped_info(name: str) -> dict[str, object]:
     from machined import config
 
     cfg = load_config(name)
-    osr = _os_release(paths.image_path(name))
+    if cfg.base:  # an overlay image: its merged tree
+        from machined import images
+
+        osr = images.in_merged_view(cfg, lambda: _os_release(paths.image_path(name)))
+    else:
+        osr = _os_release(paths.image_path(name))
     result: dict[str, object] = {
         "Name": name, "Id": cfg.id, "Class": "container", "Service": "machined", "State": "stopped",
         "RootDirectory": paths.image_path(name), "Template": cfg.template, "Release": cfg.release,

@@ -34,7 +34,7 @@ class Spec:
                  cgroup: MachineCgroup | None, inaccessible: str, machine_id_file: str,
                  read_only: bool = False, console: str | None = None, stdio: tuple[int, int, int] = (0, 1, 2),
                  ctty: bool = False, env: dict[str, str] | None = None, workdir: str = "/",
-                 bind_machine_id: bool = True) -> None:
+                 bind_machine_id: bool = True, overlay: mounts.Overlay | None = None) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -52,6 +52,7 @@ class Spec:
         # systemd sets up an empty /etc/machine-id itself from container_uuid (and commits it);
         # for other inits we cover an empty one with the machine's id for the boot.
         self.bind_machine_id = bind_machine_id
+        self.overlay = overlay          # an overlayfs root (overlay image, ephemeral run) instead of a bind mount
         # Runs in the parent once the child's namespaces exist, before the child builds its root
         # (network set-up moves links in here); gets the child's host pid.
         self.on_namespaces: list[Callable[[int], None]] = []
@@ -176,7 +177,7 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
         step = "bring up loopback"
         linux.loopback_up()
         step = f"mount root file system {spec.rootfs}"
-        root_fd = mounts.prepare_root(spec.rootfs, spec.read_only)
+        root_fd = mounts.prepare_root(spec.rootfs, spec.read_only, spec.overlay)
         step = "mount /proc"
         mounts.setup_proc(root_fd, spec.inaccessible, private_network=True)
         step = "mount /sys"

@@ -141,6 +141,7 @@ def is_alive(ref: object) -> bool:
 TEARDOWN: list[tuple[str, str, str]] = [
     ("leader", "machined.supervisor", "kill_leftovers"),
     ("cgroup", "machined.cgroups", "teardown"),
+    ("ephemeral", "machined.images", "remove_ephemeral"),
 ]
 
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, paths, resources, spawn, state
+from machined import cgroups, devices, inits, linux, mounts, paths, resources, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -64,7 +64,8 @@ class Plan:
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
                  kill_timeout: float = 30.0, config: MachineConfig | None = None, nodes: tuple[Node, ...] = (),
-                 limits: Resources | None = None, hotplug: tuple[str, ...] = ()) -> None:
+                 limits: Resources | None = None, hotplug: tuple[str, ...] = (),
+                 overlay: mounts.Overlay | None = None, ephemeral: str = "") -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -78,32 +79,43 @@ class Plan:
         self.nodes = nodes          # device nodes from the settings, made in /dev at every boot
         self.limits = limits
         self.hotplug = hotplug      # hotplug rules
+        self.overlay = overlay          # the root is an overlay (overlay image or ephemeral run)
+        self.ephemeral = ephemeral      # the throw-away layer of an ephemeral run, removed at teardown
 
 
-def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
+def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemeral: bool = False) -> Plan:
     rootfs = paths.image_path(cfg.name)
     if not os.path.isdir(rootfs):
         die(f"Failed to start {cfg.name}: root file system {rootfs} is missing")
     boot = argv is None
     init_argv = [cfg.init] if boot else list(argv or [])
-    from machined import mounts
 
-    mounts.preflight(rootfs)
-    if boot:
-        mounts.check_init(rootfs, cfg.init)
-    rules: tuple[devices.Rule, ...] = devices.DEFAULT
-    nodes: tuple[Node, ...] = ()
-    if cfg.devices.allow:
+    def check() -> tuple[str, tuple[devices.Rule, ...], tuple[Node, ...]]:
+        mounts.preflight(rootfs)
+        if boot:
+            mounts.check_init(rootfs, cfg.init)
+        kind = inits.detect(rootfs, cfg.init) if boot else "command"
+        if not cfg.devices.allow:
+            return kind, devices.DEFAULT, ()
         from machined import passthrough
 
-        rules, nodes = passthrough.plan(cfg, rootfs)
+        return (kind, *passthrough.plan(cfg, rootfs))  # the guest's groups are read from the rootfs
+
+    overlay, layer = None, ""
+    if cfg.base or ephemeral:  # overlay image or throw-away run: checked on the merged tree
+        from machined import images
+
+        overlay, layer = images.runtime_overlay(cfg, ephemeral)
+        init_kind, rules, nodes = images.in_merged_view(cfg, check)
+    else:
+        init_kind, rules, nodes = check()
     from machined import config
 
     limits = cfg.resources if cfg.resources != config.Resources() else None
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
-                init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
-                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg, nodes=nodes, limits=limits,
-                hotplug=cfg.devices.hotplug)
+                init_kind=init_kind, read_only=cfg.read_only, rules=rules, kill_timeout=cfg.kill_timeout,
+                config=cfg, nodes=nodes, limits=limits, hotplug=cfg.devices.hotplug, overlay=overlay,
+                ephemeral=layer)
 
 
 class Supervisor:
@@ -171,6 +183,8 @@ class Supervisor:
             "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
             "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
         })
+        if self.plan.ephemeral:
+            self.data["ephemeral"] = self.plan.ephemeral  # recorded before the first boot makes it
         rules = self.plan.rules + tuple(node.rule() for node in self.plan.nodes)
         self.cgroup = cgroups.create(self.plan.name, rules, limits=self.plan.limits)
         self.data["cgroup"] = self.cgroup.to_state()
@@ -240,7 +254,7 @@ class Supervisor:
             name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
             boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
             machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
-            console=console, bind_machine_id=self.plan.init_kind != "systemd",
+            console=console, bind_machine_id=self.plan.init_kind != "systemd", overlay=self.plan.overlay,
         )
         if os.path.exists(os.path.join(self.rundir, "devices.json")):
             from machined import passthrough
