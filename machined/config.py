@@ -40,11 +40,17 @@ def parse_size(value: str | int) -> int:
 
 @dataclass(frozen=True)
 class Network:
-    mode: str = "none"  # loopback only
+    mode: str = "bridge"            # none, veth, bridge[:NAME], interface:IF, macvlan:IF (see netconfig)
+    address: str = ""               # fixed IPv4 address in the bridge's subnet; default: a stable lease
+    ports: tuple[str, ...] = ()     # forwards, '[tcp|udp:]HOSTPORT[:MACHINEPORT]'
+    pod: str = ""                   # share network, IPC and UTS namespaces with the pod's other machines
 
     def validate(self) -> None:
-        if self.mode != "none":
-            raise ValueError(f"network mode {self.mode!r} is not supported (only 'none')")
+        if self.mode == "none" and not (self.ports or self.pod or self.address):
+            return  # nothing to parse: keeps the loopback-only path free of the network modules
+        from machined import netconfig
+
+        netconfig.check_machine_network(self.mode, self.address, self.ports, self.pod)
 
 
 @dataclass(frozen=True)

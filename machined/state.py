@@ -140,6 +140,7 @@ def is_alive(ref: object) -> bool:
 # are imported only when their key is present, keeping heavy imports off paths that need none.
 TEARDOWN: list[tuple[str, str, str]] = [
     ("leader", "machined.supervisor", "kill_leftovers"),
+    ("network", "machined.network", "teardown"),
     ("cgroup", "machined.cgroups", "teardown"),
 ]
 

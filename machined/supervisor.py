@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from machined.config import MachineConfig
+    from machined.network import MachineNetwork
 
 LOG_MAX = 1 << 20
 
@@ -100,6 +101,7 @@ class Supervisor:
         self.attach = attach            # foreground: console relayed to our own stdio (run on a tty)
         self.rundir = paths.machine_runtime_dir(plan.name)
         self.cgroup: cgroups.MachineCgroup | None = None
+        self.net: MachineNetwork | None = None
         self.child: spawn.Child | None = None
         self.master = -1
         self.slave = -1
@@ -130,6 +132,8 @@ class Supervisor:
                 self._report_ready()
                 status = self._loop()
                 self.child.close()
+                if self.net is not None:
+                    self.net.end_boot()
                 self._log(f"\r\n[machined: init ended: {_describe(status)}]\r\n".encode())
                 if self._is_reboot(status) and not self.stopping:
                     self._log(f"\r\n[machined: {self.plan.name} reboots]\r\n".encode())
@@ -159,6 +163,12 @@ class Supervisor:
         self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
+        cfg = self.plan.config
+        if cfg is not None and (cfg.network.mode != "none" or cfg.network.pod):
+            from machined import network  # pyroute2 only for machines with a network
+
+            self.net = network.MachineNetwork(cfg, self.plan.rootfs, self.data)
+            self.net.prepare()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -194,12 +204,16 @@ class Supervisor:
             os.close(self.slave)
             self.slave = os.open(self.console_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         console = self.console_path if self.slave >= 0 else None
-        return spawn.Spec(
+        spec = spawn.Spec(
             name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
             boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
             machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
             console=console, bind_machine_id=self.plan.init_kind != "systemd",
         )
+        if self.net is not None:
+            spec.on_namespaces.append(self.net.attach)
+            spec.in_child.append(self.net.in_child)
+        return spec
 
     def _write_state(self) -> None:
         assert self.child is not None
@@ -431,6 +445,8 @@ class Supervisor:
             except ChildProcessError:
                 pass
             self.child.close()
+        if self.net is not None:
+            self.net.end_boot()
         if self.saved_tty is not None:
             import termios
 
