@@ -136,6 +136,18 @@ class Store:
         return {str(v.get("owner")) for table in self.data.values() for v in table.values()}
 
 
+def peek() -> dict[str, dict[str, dict[str, object]]]:
+    """The store's live entries, read without the lock (for early checks; decisions take the lock)."""
+    try:
+        with open(store_path()) as f:
+            data = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: {kk: vv for kk, vv in v.items() if _owner_alive(vv)} for k, v in data.items() if isinstance(v, dict)}
+
+
 def _owner_alive(entry: dict[str, object]) -> bool:
     ref = entry.get("ref")
     if isinstance(ref, list):  # a pod: alive while any of its machines is

@@ -173,60 +173,66 @@ async def _remove_bridge_if_unused(ipr: AsyncIPRoute, name: str) -> None:
 # --- one machine ----------------------------------------------------------------------------------
 
 class MachineNetwork:
-    """Set up in the supervisor: prepare() before the first boot, attach() once per boot (a spawn
-    on_namespaces hook), in_child() to bind the hosts file, end_boot() when a boot's init is gone."""
+    """Made when mctl plans a start: check() refuses bad settings before anything exists. Then, in
+    the supervisor: prepare() before the first boot, attach() once per boot (a spawn on_namespaces
+    hook), in_child() to bind the hosts file, end_boot() once a boot's init is gone."""
 
-    def __init__(self, cfg: MachineConfig, rootfs: str, data: dict[str, object]) -> None:
+    def __init__(self, cfg: MachineConfig, rootfs: str) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.rootfs = rootfs
-        self.data = data
+        self.data: dict[str, object] = {}
         self.mode = netconfig.parse_mode(cfg.network.mode)
+        self.ports = [netconfig.parse_port(p) for p in cfg.network.ports]
         self.host: HostNetwork = netconfig.load_host()
         self.bridge: Bridge | None = None
         self.address: ipaddress.IPv4Address | None = None
         self.netns = -1
         self.record: dict[str, Any] = {"mode": str(self.mode)}
 
-    # Everything that can be refused is refused here, before anything exists on the host.
-    def prepare(self) -> None:
-        ports = [netconfig.parse_port(p) for p in self.cfg.network.ports]
+    def check(self) -> None:
+        """Refuse what cannot work, touching nothing (the locked allocation in prepare() checks again)."""
+        fail = f"Failed to start {self.name}"
         if self.mode.kind in ("bridge", "veth"):
-            br = self.host.bridge(self.mode.link or None if self.mode.kind == "bridge" else None)
-            if br is None:
-                die(f"Failed to start {self.name}: bridge {self.mode.link} is not configured",
+            self.bridge = self.host.bridge(self.mode.link or None if self.mode.kind == "bridge" else None)
+            if self.bridge is None:
+                die(f"{fail}: bridge {self.mode.link} is not configured",
                     hint=f"add [network.bridges.{self.mode.link}] to {netconfig.host_config_path()}")
-            self.bridge = br
+            fixed = self.cfg.network.address
+            if fixed and ipaddress.IPv4Address(fixed) not in self.bridge.subnet:
+                die(f"{fail}: address {fixed} is outside the subnet {self.bridge.subnet} of bridge {self.bridge.name}")
         elif self.mode.kind in ("interface", "macvlan"):
-            if _run(self._lookup(self.mode.link)) is None:
-                die(f"Failed to start {self.name}: there is no network interface {self.mode.link} on the host")
-        for port in ports:
+            if not os.path.exists(f"/sys/class/net/{self.mode.link}"):
+                die(f"{fail}: there is no network interface {self.mode.link} on the host")
+        taken = ipam.peek().get("ports", {})
+        for port in self.ports:
+            owner = taken.get(port.key, {}).get("owner", self.name)
+            if owner != self.name:
+                die(f"{fail}: host port {port.key} is already forwarded to {owner}")
             _check_host_port_free(port)
-        self.data["network"] = self.record  # from here on a crash leaves a record to clean up
-        with ipam.Store() as store:
-            ref = self.data["supervisor"]
-            if self.bridge is not None:
-                self.address = store.lease(self.bridge, self.name, ref, self.cfg.id, self.cfg.network.address)
-                self.record.update(bridge=self.bridge.name, keep=self.bridge.keep, lease=str(self.address))
-                addrs = [str(self.address)]
-                a6 = self.bridge.address6(self.address)
-                if a6 is not None and self.mode.kind == "bridge":
-                    addrs.append(str(a6))
-                self.data["addresses"] = addrs
-            store.claim_ports(ports, self.name, ref)
-            if ports:
-                assert self.address is not None
-                self.record["ports"] = [str(p) for p in ports]
-                self.record["nft_table"] = nat.machine_table(self.name)
-                a6 = self.bridge.address6(self.address) if self.bridge and self.mode.kind == "bridge" else None
-                nat.add_forwards(self.name, ports, str(self.address), str(a6) if a6 else None)
-            state.write(self.name, self.data)
-            self.record["hosts_file"] = self.host.hosts_file
-            update_hosts(self.host.hosts_file)
 
-    async def _lookup(self, ifname: str) -> int | None:
-        async with AsyncIPRoute() as ipr:
-            return await _index(ipr, ifname)
+    def prepare(self, data: dict[str, object]) -> None:
+        """Lease the address, claim the ports, add the forwards; recorded in data (the state)."""
+        self.data = data
+        data["network"] = self.record  # from here on a crash leaves a record to clean up
+        with ipam.Store() as store:
+            ref = data["supervisor"]
+            br, a6 = self.bridge, None
+            if br is not None:
+                self.address = store.lease(br, self.name, ref, self.cfg.id, self.cfg.network.address)
+                self.record.update(bridge=br.name, keep=br.keep, lease=str(self.address))
+                a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
+                data["addresses"] = [str(self.address)] + ([str(a6)] if a6 else [])
+            store.claim_ports(self.ports, self.name, ref)
+            if self.ports:
+                assert self.address is not None
+                self.record["ports"] = [str(p) for p in self.ports]
+                self.record["nft_table"] = nat.machine_table(self.name)
+                state.write(self.name, data)
+                nat.add_forwards(self.name, self.ports, str(self.address), str(a6) if a6 else None)
+            self.record["hosts_file"] = self.host.hosts_file
+            state.write(self.name, data)
+            update_hosts(self.host.hosts_file)
 
     def attach(self, pid: int) -> None:
         """on_namespaces hook: the child's network namespace exists, its init has not started."""

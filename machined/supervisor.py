@@ -62,7 +62,8 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False) -> None:
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False,
+                 network: MachineNetwork | None = None) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -74,6 +75,7 @@ class Plan:
         self.kill_timeout = kill_timeout
         self.config = config
         self.ephemeral_dir = ephemeral_dir
+        self.network = network
 
 
 def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
@@ -88,9 +90,15 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
     if boot:
         mounts.check_init(rootfs, cfg.init)
     rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)
+    net = None
+    if cfg.network.mode != "none" or cfg.network.pod:
+        from machined import network  # pyroute2 only for machines with a network
+
+        net = network.MachineNetwork(cfg, rootfs)
+        net.check()
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
                 init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
-                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg)
+                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg, network=net)
 
 
 class Supervisor:
@@ -163,12 +171,9 @@ class Supervisor:
         self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
-        cfg = self.plan.config
-        if cfg is not None and (cfg.network.mode != "none" or cfg.network.pod):
-            from machined import network  # pyroute2 only for machines with a network
-
-            self.net = network.MachineNetwork(cfg, self.plan.rootfs, self.data)
-            self.net.prepare()
+        if self.plan.network is not None:
+            self.net = self.plan.network
+            self.net.prepare(self.data)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
