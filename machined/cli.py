@@ -54,10 +54,20 @@ def _json(obj: object) -> None:
 
 # --- verbs -------------------------------------------------------------------------------------
 
+def _network_options(a: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in (("mode", a.network), ("ports", a.port), ("pod", a.pod),
+                              ("address", getattr(a, "address", None))) if v}
+
+
 def verb_create(a: argparse.Namespace) -> int:
     from machined import store
 
-    store.create(a.name, a.template, a.release, a.set)
+    network = None
+    if _network_options(a):
+        from machined import config
+
+        network = config.with_network(config.Network(), **_network_options(a))  # type: ignore[arg-type]
+    store.create(a.name, a.template, a.release, a.set, network)
     return 0
 
 
@@ -84,7 +94,7 @@ def verb_start(a: argparse.Namespace) -> int:
 
     code = 0
     for name in a.names:
-        code = machines.start(name, foreground=a.foreground) or code
+        code = machines.start(name, foreground=a.foreground, network=_network_options(a)) or code
     return code
 
 
@@ -347,11 +357,20 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     def output(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
+    def network_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--network", metavar="MODE",
+                        help="none, veth, bridge[:NAME] (default), interface:IF or macvlan:IF")
+        sp.add_argument("-p", "--port", action="append", default=[], metavar="[tcp|udp:]HOSTPORT[:MACHINEPORT]",
+                        help="forward a host port to the machine")
+        sp.add_argument("--pod", metavar="NAME", help="share network, IPC and UTS namespaces with the pod")
+
     sp = verb("create", verb_create, "create a machine's root file system and configuration from a template")
     sp.add_argument("name")
     sp.add_argument("-t", "--template", required=True)
     sp.add_argument("--release", default=None)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="template parameter")
+    network_options(sp)
+    sp.add_argument("--address", help="fixed IPv4 address in the bridge's subnet (default: a stable lease)")
 
     sp = verb("templates", verb_templates, "list templates and their parameters")
     output(sp)
@@ -359,6 +378,7 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     sp = verb("start", verb_start, "boot machines detached; returns once init runs")
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("--foreground", action="store_true", help="supervise in this process (for service units)")
+    network_options(sp)
 
     sp = verb("run", verb_run, "run a command as a one-shot machine in the foreground")
     sp.add_argument("name", nargs="?", default=None)

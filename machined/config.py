@@ -53,6 +53,20 @@ class Network:
         netconfig.check_machine_network(self.mode, self.address, self.ports, self.pod)
 
 
+def with_network(base: Network, mode: str | None = None, ports: list[str] | None = None, pod: str | None = None,
+                 address: str | None = None) -> Network:
+    """base with the network options of create/start applied (--network, --port, --pod, --address)."""
+    changes: dict[str, Any] = {k: v for k, v in (("mode", mode), ("pod", pod), ("address", address)) if v is not None}
+    if ports:
+        changes["ports"] = tuple(ports)
+    net = dataclasses.replace(base, **changes)
+    try:
+        net.validate()
+    except ValueError as e:
+        die(f"Invalid network setting: {e}")
+    return net
+
+
 @dataclass(frozen=True)
 class Resources:
     memory_max: int | None = None

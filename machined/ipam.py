@@ -132,6 +132,21 @@ class Store:
                 del table[key]
                 self.dirty = True
 
+    def add_ref(self, owner: str, ref: object) -> None:
+        """One more process keeps owner's entries alive (a machine joining a pod)."""
+        for entry in self.data["leases"].values():
+            refs = entry.get("ref")
+            if entry.get("owner") == owner and isinstance(refs, list) and ref not in refs:
+                refs.append(ref)
+                self.dirty = True
+
+    def drop_ref(self, owner: str, ref: object) -> None:
+        for entry in self.data["leases"].values():
+            refs = entry.get("ref")
+            if entry.get("owner") == owner and isinstance(refs, list) and ref in refs:
+                refs.remove(ref)
+                self.dirty = True
+
     def owners(self) -> set[str]:
         return {str(v.get("owner")) for table in self.data.values() for v in table.values()}
 

@@ -23,7 +23,7 @@ import socket
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from machined import ipam, linux, mounts, nat, netconfig, paths, state
+from machined import ipam, linux, mounts, nat, netconfig, paths, pods, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -175,12 +175,16 @@ async def _remove_bridge_if_unused(ipr: AsyncIPRoute, name: str) -> None:
 class MachineNetwork:
     """Made when mctl plans a start: check() refuses bad settings before anything exists. Then, in
     the supervisor: prepare() before the first boot, attach() once per boot (a spawn on_namespaces
-    hook), in_child() to bind the hosts file, end_boot() once a boot's init is gone."""
+    hook), in_child() to bind the hosts file, end_boot() once a boot's init is gone.
+
+    A machine in a pod joins the pod's namespaces; the pod's network is made, from the settings of
+    the machine that starts the pod, by that machine's prepare(), and owned by the pod."""
 
     def __init__(self, cfg: MachineConfig, rootfs: str) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.rootfs = rootfs
+        self.pod = cfg.network.pod
         self.data: dict[str, object] = {}
         self.mode = netconfig.parse_mode(cfg.network.mode)
         self.ports = [netconfig.parse_port(p) for p in cfg.network.ports]
@@ -188,7 +192,11 @@ class MachineNetwork:
         self.bridge: Bridge | None = None
         self.address: ipaddress.IPv4Address | None = None
         self.netns = -1
+        self.pod_fds: list[tuple[int, int]] = []
         self.record: dict[str, Any] = {"mode": str(self.mode)}
+        # Who owns the links and the lease: the machine, or its pod.
+        self.owner = f"pod:{self.pod}" if self.pod else self.name
+        self.mac_seed = self.owner if self.pod else cfg.id
 
     def check(self) -> None:
         """Refuse what cannot work, touching nothing (the locked allocation in prepare() checks again)."""
@@ -212,45 +220,102 @@ class MachineNetwork:
             _check_host_port_free(port)
 
     def prepare(self, data: dict[str, object]) -> None:
-        """Lease the address, claim the ports, add the forwards; recorded in data (the state)."""
+        """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
+        recorded in data, the machine's state."""
         self.data = data
         data["network"] = self.record  # from here on a crash leaves a record to clean up
+        self.record["hosts_file"] = self.host.hosts_file
         with ipam.Store() as store:
             ref = data["supervisor"]
-            br, a6 = self.bridge, None
-            if br is not None:
-                self.address = store.lease(br, self.name, ref, self.cfg.id, self.cfg.network.address)
-                self.record.update(bridge=br.name, keep=br.keep, lease=str(self.address))
-                a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
-                data["addresses"] = [str(self.address)] + ([str(a6)] if a6 else [])
+            if self.pod:
+                self._join_pod(store, ref)
+            elif self.bridge is not None:
+                self._lease(store, ref)
             store.claim_ports(self.ports, self.name, ref)
             if self.ports:
-                assert self.address is not None
+                addrs = data.get("addresses")
+                if not isinstance(addrs, list) or not addrs:
+                    die(f"Failed to forward ports to {self.name}: it has no address")
                 self.record["ports"] = [str(p) for p in self.ports]
                 self.record["nft_table"] = nat.machine_table(self.name)
                 state.write(self.name, data)
-                nat.add_forwards(self.name, self.ports, str(self.address), str(a6) if a6 else None)
-            self.record["hosts_file"] = self.host.hosts_file
+                nat.add_forwards(self.name, self.ports, addrs[0], addrs[1] if len(addrs) > 1 else None)
             state.write(self.name, data)
             update_hosts(self.host.hosts_file)
 
+    def _lease(self, store: ipam.Store, ref: object) -> None:
+        br = self.bridge
+        assert br is not None
+        self.address = store.lease(br, self.owner, ref, self.mac_seed, self.cfg.network.address)
+        self.record.update(bridge=br.name, keep=br.keep, lease=str(self.address))
+        a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
+        self.data["addresses"] = [str(self.address)] + ([str(a6)] if a6 else [])
+
+    def _join_pod(self, store: ipam.Store, ref: object) -> None:
+        pod = self.pod
+        self.record["pod"] = pod
+        if pods.exists(pod) and pods.members(pod, exclude=self.name):
+            store.add_ref(self.owner, ref)
+            info = pods.read_info(pod)
+        else:
+            pods.destroy(pod)  # whatever a pod whose last machine was killed left
+            pods.create(pod)
+            info = {"mode": str(self.mode)}
+            self.record["pod_info"] = info
+            try:
+                self.netns = os.open(os.path.join(pods.pod_dir(pod), "net"), os.O_RDONLY | os.O_CLOEXEC)
+                if self.bridge is not None:
+                    self._lease(store, [ref])
+                    info.update(bridge=self.bridge.name, keep=self.bridge.keep)
+                pods.write_info(pod, info)
+                state.write(self.name, self.data)
+                self._attach_links()
+                info.update(addresses=self.data.get("addresses", []), interfaces=self.data.get("interfaces", []),
+                            host_link=self.record.get("host_link"))
+                pods.write_info(pod, info)
+            finally:
+                self.end_boot()
+        for key in ("addresses", "interfaces"):
+            if info.get(key):
+                self.data[key] = info[key]
+        self.record["bridge"] = info.get("bridge")
+
+    def join_namespaces(self) -> list[tuple[int, int]]:
+        """For spawn: the pod's namespaces to join instead of new ones (closed by attach())."""
+        if self.pod:
+            self.pod_fds = pods.open_namespaces(self.pod)
+        return self.pod_fds
+
     def attach(self, pid: int) -> None:
-        """on_namespaces hook: the child's network namespace exists, its init has not started."""
+        """on_namespaces hook: the child's namespaces exist, its init has not started."""
+        for fd, _ in self.pod_fds:
+            os.close(fd)
+        self.pod_fds = []
+        if self.pod:
+            return  # the pod's network is in place
         self.end_boot()
         self.netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         if self.mode.kind in ("bridge", "veth"):
             with ipam.Store():  # the bridge cannot vanish between its check and our port
-                _run(self._attach_veth())
+                self._attach_links()
+        else:
+            self._attach_links()
+
+    def _attach_links(self) -> None:
+        if self.mode.kind in ("bridge", "veth"):
+            _run(self._attach_veth())
         elif self.mode.kind == "interface":
             _run(self._move_in())
         elif self.mode.kind == "macvlan":
             _run(self._add_macvlan())
+        state.write(self.name, self.data)
 
     async def _attach_veth(self) -> None:
         br = self.bridge
         assert br is not None and self.address is not None
-        prefix = "vb-" if self.mode.kind == "bridge" else "ve-"
-        outer = host_ifname(prefix, self.name)
+        prefix = "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
+        base = self.pod or self.name
+        outer = host_ifname(prefix, base)
         self.record["host_link"] = outer
         self.data["interfaces"] = [outer]
         state.write(self.name, self.data)
@@ -258,15 +323,15 @@ class MachineNetwork:
             master = await ensure_bridge(ipr, br) if self.mode.kind == "bridge" else None
             await _delete_link(ipr, outer)  # the last boot's, if its namespace is not gone yet
             try:
-                await ipr.link("add", ifname=outer, kind="veth", address=stable_mac(self.cfg.id, outer),
+                await ipr.link("add", ifname=outer, kind="veth", address=stable_mac(self.mac_seed, outer),
                                peer={"ifname": "host0", "net_ns_fd": self.netns,
-                                     "address": stable_mac(self.cfg.id, "host0")})
+                                     "address": stable_mac(self.mac_seed, "host0")})
             except NetlinkError as e:
                 raise _nl(f"create veth {outer} for {self.name}", e) from None
             idx = await _index(ipr, outer)
             assert idx is not None
-            if outer != prefix + self.name:
-                await ipr.link("property_add", index=idx, altname=prefix + self.name)
+            if outer != prefix + base:
+                await ipr.link("property_add", index=idx, altname=prefix + base)
             if master is not None:
                 await ipr.link("set", index=idx, master=master, state="up")
             else:
@@ -307,7 +372,6 @@ class MachineNetwork:
                 raise _nl(f"move {self.mode.link} into {self.name}", e) from None
         self.record["moved"] = self.mode.link
         self.data["interfaces"] = [self.mode.link]
-        state.write(self.name, self.data)
 
     async def _add_macvlan(self) -> None:
         inner = host_ifname("mv-", self.mode.link)
@@ -317,7 +381,7 @@ class MachineNetwork:
                 die(f"Failed to add a macvlan on {self.mode.link}: there is no such interface on the host")
             try:
                 await ipr.link("add", ifname=inner, kind="macvlan", link=parent, macvlan_mode="bridge",
-                               address=stable_mac(self.cfg.id, "macvlan", self.mode.link), net_ns_fd=self.netns)
+                               address=stable_mac(self.mac_seed, "macvlan", self.mode.link), net_ns_fd=self.netns)
             except NetlinkError as e:
                 raise _nl(f"add macvlan {inner} on {self.mode.link} for {self.name}", e) from None
         async with AsyncIPRoute(fileno=_socket_in(self.netns)) as ipr:
@@ -326,7 +390,6 @@ class MachineNetwork:
                 if idx is not None:
                     await ipr.link("set", index=idx, state="up")
         self.data["interfaces"] = [inner]
-        state.write(self.name, self.data)
 
     def in_child(self, root_fd: int) -> None:
         """in_child hook (imports nothing): the machine's hosts file over its /etc/hosts, read-only."""
@@ -353,7 +416,7 @@ class MachineNetwork:
         if self.netns < 0:
             return
         try:
-            if self.mode.kind == "interface":
+            if self.mode.kind == "interface" and not self.pod:
                 _run(self._move_out())
         except Exception as e:  # noqa: BLE001 - best effort: the link dies with the namespace
             from machined.log import warn
@@ -494,12 +557,25 @@ def teardown(data: dict[str, object]) -> None:
     if isinstance(table, str):
         nat.delete_table(table)
     with ipam.Store() as store:
-        link = rec.get("host_link")
-        bridge = rec.get("bridge")
-        if isinstance(link, str) or (isinstance(bridge, str) and rec.get("keep") is False):
-            _run(_teardown_links(link if isinstance(link, str) else None,
-                                 bridge if isinstance(bridge, str) and rec.get("keep") is False else None))
         store.release(name)
+        pod = rec.get("pod")
+        links = rec
+        if isinstance(pod, str):
+            if pods.members(pod, exclude=name):
+                store.drop_ref(f"pod:{pod}", data.get("supervisor"))
+                links = {}
+            else:  # the pod's last machine: the pod ends
+                links = pods.read_info(pod) or rec.get("pod_info") or {}
+                store.release(f"pod:{pod}")
+        link, bridge = links.get("host_link"), links.get("bridge")
+        if not isinstance(link, str):
+            link = None
+        if not isinstance(bridge, str) or links.get("keep") is not False:
+            bridge = None
+        if link or bridge:
+            _run(_teardown_links(link, bridge))
+        if isinstance(pod, str) and links is not rec and not pods.members(pod, exclude=name):
+            pods.destroy(pod)
         hosts_file = rec.get("hosts_file")
         update_hosts(hosts_file if isinstance(hosts_file, str) else "", exclude=name)
 

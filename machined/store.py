@@ -25,7 +25,8 @@ def image_lock(name: str, verb: str) -> state.Lock:
     return lock
 
 
-def create(name: str, template: str, release: str | None, settings: list[str]) -> None:
+def create(name: str, template: str, release: str | None, settings: list[str],
+           network: config.Network | None = None) -> None:
     paths.check_name(name)
     from machined import templates
 
@@ -51,7 +52,8 @@ def create(name: str, template: str, release: str | None, settings: list[str]) -
         templates.bootstrap(tmpl, tmp, release, params)
         templates.render_into(tmpl, tmp, context)
         cfg = config.MachineConfig(name=name, id=machine_id, template=template, release=release,
-                                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   network=network or config.Network())
         config.save(cfg)
         try:
             os.rename(tmp, target)  # the commit point: before it there is no machine

@@ -216,6 +216,7 @@ class Supervisor:
             console=console, bind_machine_id=self.plan.init_kind != "systemd",
         )
         if self.net is not None:
+            spec.join = self.net.join_namespaces()
             spec.on_namespaces.append(self.net.attach)
             spec.in_child.append(self.net.in_child)
         return spec
