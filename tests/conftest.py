@@ -31,8 +31,8 @@ TEST_CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tes
 DEBIAN_MIRROR = os.environ.get("MACHINED_TEST_MIRROR", "http://deb.debian.org/debian")
 
 
-def _free_subnet() -> str:
-    """A random 10.x.y.0/24 that no route of the host's covers: this session's bridge's subnet."""
+def free_subnet(exclude: tuple[str, ...] = ()) -> str:
+    """A random 10.x.y.0/24 that no route of the host's covers (nor exclude): for bridges and links of tests."""
     import ipaddress
     import json
 
@@ -41,7 +41,7 @@ def _free_subnet() -> str:
                                            text=True).stdout or "[]")
     except (OSError, ValueError):
         routes = []
-    used = []
+    used = [ipaddress.ip_network(e) for e in exclude]
     for r in routes:
         dst = r.get("dst", "")
         if dst and dst != "default" and ":" not in dst:
@@ -56,7 +56,7 @@ def _free_subnet() -> str:
 # name carries TOKEN, its subnet is random, it is host-only (no NAT: nothing leaves this machine)
 # and it goes away with its last machine.
 SESSION_BRIDGE = f"mb{TOKEN}"
-SESSION_SUBNET = _free_subnet()
+SESSION_SUBNET = free_subnet()
 
 
 def host_config(bridge: str = SESSION_BRIDGE, subnet: str = SESSION_SUBNET, hosts_file: str = "",
