@@ -208,7 +208,8 @@ def test_pod_shares_localhost_and_hostname(env: Env) -> None:
         env.ok("create", n, "--template", "busybox", "--pod", pod)
     env.ok("start", a)
     env.ok("start", b)
-    env.ok("shell", b, "--", "sh", "-c", "echo from-b > /tmp/msg && (nc -l -p 7777 -e cat /tmp/msg </dev/null >/dev/null 2>&1 &) && sleep 0.1")
+    env.ok("shell", b, "--", "sh", "-c",
+           "echo from-b > /tmp/msg && (nc -l -p 7777 -e cat /tmp/msg </dev/null >/dev/null 2>&1 &) && sleep 0.1")
     assert env.ok("shell", a, "--", "nc", "127.0.0.1", "7777").strip() == "from-b"
     assert env.ok("shell", a, "--", "hostname") == env.ok("shell", b, "--", "hostname")
     # One network: the same address and links; separate PID namespaces, roots and cgroups.
@@ -268,9 +269,10 @@ def difference(before: dict[str, object], after: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def lease_store(env: Env) -> dict[str, str]:
-    d = env.runtime / "network"
-    return {p.name: p.read_text() for p in d.iterdir()} if d.exists() else {}
+def lease_store(env: Env) -> str | None:
+    """The leases and forwarded ports of running machines (no file when there are none)."""
+    p = env.runtime / "network" / "leases.json"
+    return p.read_text() if p.exists() else None
 
 
 def test_hundred_cycles_leave_the_host_as_before(env: Env) -> None:
@@ -278,9 +280,11 @@ def test_hundred_cycles_leave_the_host_as_before(env: Env) -> None:
     env.ok("create", name, "--template", "busybox", "--port", f"{free_port()}:80")
     before, store_before = host_network(), lease_store(env)
     addresses = set()
-    for _ in range(100):
+    for i in range(100):
         env.ok("start", name)
         addresses.add(address(env, name))
+        if i == 0:
+            assert name in (lease_store(env) or "")  # while it runs, its lease and port are in the store
         env.ok("terminate", name)
     assert host_network() == before
     assert lease_store(env) == store_before
@@ -418,12 +422,12 @@ def test_taken_port(env: Env) -> None:
         env.ok("create", n, "--template", "busybox", "--port", f"tcp:{port}:80")
     env.ok("start", a)
 
-    def tree() -> dict[str, object]:  # less the running machine's console log, which grows
+    def files() -> dict[str, object]:  # less the running machine's console log, which grows
         return {k: v for k, v in env.tree().items() if not k.endswith(".log")}
 
-    before, net = tree(), host_network()
+    before, net = files(), host_network()
     assert_clean_error(env.mctl("start", b), f"tcp:{port}", a)
-    assert tree() == before and host_network() == net and env.running() == [a]
+    assert files() == before and host_network() == net and env.running() == [a]
     env.ok("poweroff", a)
     # A port a host service listens on is taken too.
     with socket.create_server(("0.0.0.0", port)):
