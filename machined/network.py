@@ -16,15 +16,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import importlib.util
 import ipaddress
 import os
 import socket
-
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+import sys
 
 from machined import ipam, linux, mounts, nat, netconfig, paths, pods, state
 from machined.log import MachinedError, die
+
+
+def _register_pyroute2() -> None:
+    """pyroute2/__init__.py imports every API the library has (IPDB, NDB, nl80211, WireGuard, ...),
+    measured at 100-200 ms, most of what networking would add to a start. The package is registered
+    without running it, so only the modules used here (RTNL and their dependencies) load."""
+    if "pyroute2" not in sys.modules:
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is not None and spec.loader is not None:
+            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+
+
+_register_pyroute2()
+from pyroute2.iproute.linux import AsyncIPRoute  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
