@@ -511,9 +511,10 @@ def _with_block(text: str, entries: list[str]) -> str:
     return f"{text}{sep}{HOSTS_BEGIN}\n" + "".join(f"{e}\n" for e in entries) + f"{HOSTS_END}\n"
 
 
-def _rewrite_in_place(path: str, content: str) -> None:
-    """In place, never by rename: the file may be bind-mounted (into guests, or /etc/hosts itself)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+def _rewrite_in_place(path: str, content: str, follow: bool = False) -> None:
+    """In place, never by rename: the file may be bind-mounted (into guests, or /etc/hosts itself).
+    follow: the host's file may be a symlink the administrator made; ours never are."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0o644)
     try:
         data = content.encode()
         os.pwrite(fd, data, 0)
@@ -556,7 +557,7 @@ def update_hosts(host_file: str, exclude: str = "") -> None:
             old = ""
         new = _with_block(old, entries)
         if new != old:
-            _rewrite_in_place(host_file, new)
+            _rewrite_in_place(host_file, new, follow=True)
 
 
 # --- teardown -------------------------------------------------------------------------------------
