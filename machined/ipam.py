@@ -147,9 +147,6 @@ class Store:
                 refs.remove(ref)
                 self.dirty = True
 
-    def owners(self) -> set[str]:
-        return {str(v.get("owner")) for table in self.data.values() for v in table.values()}
-
 
 def peek() -> dict[str, dict[str, dict[str, object]]]:
     """The store's live entries, read without the lock (for early checks; decisions take the lock)."""

@@ -574,23 +574,22 @@ def teardown(data: dict[str, object]) -> None:
     with ipam.Store() as store:
         store.release(name)
         pod = rec.get("pod")
-        links = rec
+        owned: dict[str, object] = rec  # what holds the links: the machine's record, or its pod's
+        ending_pod = isinstance(pod, str) and not pods.members(pod, exclude=name)
         if isinstance(pod, str):
-            if pods.members(pod, exclude=name):
-                store.drop_ref(f"pod:{pod}", data.get("supervisor"))
-                links = {}
-            else:  # the pod's last machine: the pod ends
-                links = pods.read_info(pod) or rec.get("pod_info") or {}
+            if ending_pod:  # the pod's last machine: the pod ends with it
+                owned = pods.read_info(pod) or rec.get("pod_info") or {}
                 store.release(f"pod:{pod}")
-        link, bridge = links.get("host_link"), links.get("bridge")
-        if not isinstance(link, str):
-            link = None
-        if not isinstance(bridge, str) or links.get("keep") is not False:
-            bridge = None
+            else:
+                store.drop_ref(f"pod:{pod}", data.get("supervisor"))
+                owned = {}
+        link, bridge = owned.get("host_link"), owned.get("bridge")
+        link = link if isinstance(link, str) else None
+        bridge = bridge if isinstance(bridge, str) and owned.get("keep") is False else None
         if link or bridge:
             _run(_teardown_links(link, bridge))
-        if isinstance(pod, str) and links is not rec and not pods.members(pod, exclude=name):
-            pods.destroy(pod)
+        if ending_pod:
+            pods.destroy(str(pod))
         hosts_file = rec.get("hosts_file")
         update_hosts(hosts_file if isinstance(hosts_file, str) else "", exclude=name)
 

@@ -490,3 +490,20 @@ def test_unconfigured_bridge_and_overlapping_subnet(env: Env) -> None:
         r = env.mctl("start", other)
         assert_clean_error(r, "overlaps", link)
         assert SESSION_BRIDGE not in links() and env.running() == []
+
+
+def test_no_network_modules_without_a_network(env: Env) -> None:
+    """Mode none and run --directory stay loopback-only and never load pyroute2 (start-up time)."""
+    import sys
+
+    name = env.name()
+    env.ok("create", name, "--template", "busybox", "--network", "none")
+    code = ("import sys; from machined import cli; cli.main(sys.argv[1:]); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('pyroute2', 'asyncio') or m in ('machined.network', 'machined.netconfig')))")
+    for args in (["run", name, "--", "ip", "-o", "link"],
+                 ["run", "--directory", str(env.images / name), "--", "ip", "-o", "link"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], env=env.environ(), capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        lines = r.stdout.strip().splitlines()
+        assert lines[-1] == "[]", r.stdout + r.stderr
+        assert len(lines) == 2 and ": lo: " in lines[0], r.stdout  # only loopback inside
