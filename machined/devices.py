@@ -96,8 +96,12 @@ def _write(path: str, value: str) -> None:
 
 def apply_v1(cgroup_dir: str, rules: Iterable[Rule]) -> None:
     _write(os.path.join(cgroup_dir, "devices.deny"), "a")
-    for rule in rules:
-        _write(os.path.join(cgroup_dir, "devices.allow"), str(rule))
+    fd = os.open(os.path.join(cgroup_dir, "devices.allow"), os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for rule in rules:
+            os.write(fd, str(rule).encode())  # one rule per write(2)
+    finally:
+        os.close(fd)
 
 
 def allow_v1(cgroup_dir: str, rule: Rule) -> None:
@@ -173,19 +177,27 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return int(r)
 
 
-def apply_v2(cgroup_dir: str, rules: Iterable[Rule]) -> None:
-    insns = program(rules)
+def _load(insns: bytes, log_size: int) -> tuple[int, str]:
+    """Load the program; log_size > 0 asks the verifier to explain itself (only after a failure)."""
     insn_buf = ctypes.create_string_buffer(insns, len(insns))
     license = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(4096)
+    log = ctypes.create_string_buffer(max(log_size, 1))
     attr = ctypes.create_string_buffer(128)
     struct.pack_into("<IIQQIIQII16s", attr, 0, _BPF_PROG_TYPE_CGROUP_DEVICE, len(insns) // 8,
-                     ctypes.addressof(insn_buf), ctypes.addressof(license), 1, len(log),
-                     ctypes.addressof(log), 0, 0, b"machined_devs")
+                     ctypes.addressof(insn_buf), ctypes.addressof(license), 1 if log_size else 0, log_size,
+                     ctypes.addressof(log) if log_size else 0, 0, 0, b"machined_devs")
     try:
-        prog = _bpf(_BPF_PROG_LOAD, attr)
+        return _bpf(_BPF_PROG_LOAD, attr), ""
     except OSError as e:
-        fail(f"load device policy for {cgroup_dir}", f"{e.strerror}: {log.value.decode(errors='replace').strip()}")
+        return -1, f"{e.strerror}: {log.value.decode(errors='replace').strip()}" if log_size else str(e.strerror)
+
+
+def apply_v2(cgroup_dir: str, rules: Iterable[Rule]) -> None:
+    insns = program(rules)
+    prog, _ = _load(insns, 0)
+    if prog < 0:
+        _, why = _load(insns, 1 << 20)
+        fail(f"load device policy for {cgroup_dir}", why)
     try:
         cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -134,25 +134,24 @@ def _wait_gone(data: dict[str, object], timeout: float) -> bool:
 
 
 def stop(name: str, how: str, timeout: float | None = None, wait: bool = True) -> None:
-    """poweroff / halt / terminate, escalating to SIGKILL when the guest takes too long."""
+    """poweroff / halt / terminate, escalating to SIGKILL when the guest takes too long.
+
+    A poweroff goes through the supervisor (SIGTERM), which knows the guest's init, watches the
+    shutdown and kills the machine after its kill_timeout; we wait a little longer than that.
+    """
     from machined import inits
 
     data = state.require_running(name)
-    kind = str(data.get("init", "command"))
-    if timeout is None:
-        timeout = _kill_timeout(name)
     if how == "terminate":
         state.signal_leader(data, signal.SIGKILL)
-        timeout = 10.0
-    elif how == "poweroff" and timeout == _kill_timeout(name):
-        # The supervisor powers off with the init's signal and escalates after the machine's timeout.
+        limit = 10.0
+    elif how == "poweroff":
         _signal_supervisor(data, signal.SIGTERM)
-        timeout += 2.0
+        limit = (timeout if timeout is not None else _kill_timeout(name)) + 2.0
     else:
-        state.signal_leader(data, inits.poweroff_signal(kind) if how == "poweroff" else inits.halt_signal(kind))
-    if not wait:
-        return
-    if _wait_gone(data, timeout):
+        state.signal_leader(data, inits.halt_signal(str(data.get("init", "command"))))
+        limit = timeout if timeout is not None else _kill_timeout(name)
+    if not wait or _wait_gone(data, limit):
         return
     state.signal_leader(data, signal.SIGKILL)
     if not _wait_gone(data, 10.0):

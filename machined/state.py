@@ -86,7 +86,7 @@ def write(name: str, data: dict[str, object]) -> None:
     path = state_path(name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+        f.write(json.dumps(data, separators=(",", ":")))  # no indent: the C encoder, ten times faster
     os.replace(tmp, path)
 
 

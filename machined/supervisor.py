@@ -62,7 +62,7 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False,
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None,
                  network: MachineNetwork | None = None) -> None:
         self.name = name
         self.rootfs = rootfs
@@ -74,7 +74,6 @@ class Plan:
         self.rules = rules
         self.kill_timeout = kill_timeout
         self.config = config
-        self.ephemeral_dir = ephemeral_dir
         self.network = network
 
 
