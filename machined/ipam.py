@@ -96,13 +96,9 @@ class Store:
         reserved = {br.subnet.network_address, br.subnet.broadcast_address, br.gateway}
         if fixed:
             addr = ipaddress.IPv4Address(fixed)
-            if addr not in br.subnet:
-                die(f"Address {addr} is outside the subnet {br.subnet} of bridge {br.name}")
-            if addr in reserved:
-                die(f"Address {addr} is reserved in the subnet {br.subnet} of bridge {br.name}")
-            if addr in taken:
-                holder = next(e.get("owner") for e in leases.values() if e.get("addr") == str(addr))
-                die(f"Address {addr} is already leased to {holder}")
+            reason = fixed_error(br, addr, owner, leases)
+            if reason:
+                die(f"Failed to lease {addr} to {owner}: {reason}")
         else:
             size = br.subnet.num_addresses
             start = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") % size
@@ -146,6 +142,19 @@ class Store:
             if entry.get("owner") == owner and isinstance(refs, list) and ref in refs:
                 refs.remove(ref)
                 self.dirty = True
+
+
+def fixed_error(br: Bridge, addr: ipaddress.IPv4Address, owner: str, leases: dict[str, dict[str, object]]) -> str:
+    """Why addr cannot be owner's fixed address on br ('' if it can): it must be a free host address
+    of the bridge's subnet, other than the gateway."""
+    if addr not in br.subnet:
+        return f"address {addr} is outside the subnet {br.subnet} of bridge {br.name}"
+    if addr in (br.subnet.network_address, br.subnet.broadcast_address, br.gateway):
+        return f"address {addr} is reserved in the subnet {br.subnet} of bridge {br.name}"
+    for entry in leases.values():
+        if entry.get("pool") == br.name and entry.get("addr") == str(addr) and entry.get("owner") != owner:
+            return f"address {addr} is already leased to {entry.get('owner')}"
+    return ""
 
 
 def peek() -> dict[str, dict[str, dict[str, object]]]:

@@ -221,8 +221,10 @@ class MachineNetwork:
                 die(f"{fail}: bridge {self.mode.link} is not configured",
                     hint=f"add [network.bridges.{self.mode.link}] to {netconfig.host_config_path()}")
             fixed = self.cfg.network.address
-            if fixed and ipaddress.IPv4Address(fixed) not in self.bridge.subnet:
-                die(f"{fail}: address {fixed} is outside the subnet {self.bridge.subnet} of bridge {self.bridge.name}")
+            reason = fixed and ipam.fixed_error(self.bridge, ipaddress.IPv4Address(fixed), self.owner,
+                                                ipam.peek().get("leases", {}))
+            if reason:
+                die(f"{fail}: {reason}")
         elif self.mode.kind in ("interface", "macvlan"):
             if not os.path.exists(f"/sys/class/net/{self.mode.link}"):
                 die(f"{fail}: there is no network interface {self.mode.link} on the host")

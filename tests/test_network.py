@@ -413,6 +413,19 @@ def test_address_outside_the_subnet(env: Env) -> None:
     assert_nothing_configured(env, tree, net)
     assert_clean_error(env.mctl("create", env.name(), "--template", "busybox", "--address", "10.1.2.300"),
                        "not an IPv4 address")
+    # The gateway's address, and one another machine holds, are refused too.
+    base = SESSION_SUBNET.rsplit(".", 1)[0]
+    gw, other = env.name(), env.name()
+    env.ok("create", gw, "--template", "busybox", "--address", f"{base}.1")
+    assert_clean_error(env.mctl("start", gw), "reserved")
+    cfg = env.config / f"{name}.toml"
+    cfg.write_text(cfg.read_text().replace('"192.0.2.77"', f'"{base}.77"'))
+    env.ok("start", name)
+    assert address(env, name) == f"{base}.77"
+    env.ok("create", other, "--template", "busybox", "--address", f"{base}.77")
+    assert_clean_error(env.mctl("start", other), "already leased", name)
+    assert env.running() == [name]
+    env.ok("terminate", name)
 
 
 def test_taken_port(env: Env) -> None:
