@@ -80,6 +80,12 @@ def machine_table(name: str) -> str:
     return f"machined-fwd-{name}"
 
 
+def _fresh_table(name: str) -> list[dict[str, object]]:
+    """Commands that leave an empty table name, whether or not it existed (add, delete, add: one batch)."""
+    table = {"table": {"family": FAMILY, "name": name}}
+    return [{"add": table}, {"delete": table}, {"add": table}]
+
+
 def _chain(table: str, name: str, ctype: str, hook: str, prio: int) -> dict[str, object]:
     return {"add": {"chain": {"family": FAMILY, "table": table, "name": name, "type": ctype, "hook": hook,
                               "prio": prio, "policy": "accept"}}}
@@ -102,12 +108,13 @@ def _prefix(net: object) -> dict[str, object]:
 
 
 def add_bridge(br: Bridge) -> None:
-    """The bridge's table: masquerade (or no forwarding at all) and localhost forwards' plumbing."""
+    """The bridge's table, made anew: masquerade (or no forwarding at all) and localhost forwards'
+    plumbing. Also on every start with the bridge up: a firewall reload may have flushed it."""
     t = bridge_table(br.name)
     iif: dict[str, object] = {"meta": {"key": "iifname"}}
     oif: dict[str, object] = {"meta": {"key": "oifname"}}
     cmds: list[dict[str, object]] = [
-        {"add": {"table": {"family": FAMILY, "name": t}}},
+        *_fresh_table(t),
         # Forwards from 127.0.0.1 need route_localnet on the bridge; without this rule a machine
         # could then reach the host's loopback-only services (CVE-2020-8558 in kube-proxy).
         _chain(t, "guard", "filter", "prerouting", -300),
@@ -140,7 +147,7 @@ def add_forwards(machine: str, ports: list[Port], address: str, address6: str | 
     """DNAT the host's ports to the machine, for traffic from outside (prerouting) and from the host
     itself (output), to any local address: 127.0.0.1 included (the bridge has route_localnet)."""
     t = machine_table(machine)
-    cmds: list[dict[str, object]] = [{"add": {"table": {"family": FAMILY, "name": t}}},
+    cmds: list[dict[str, object]] = [*_fresh_table(t),
                                      _chain(t, "prerouting", "nat", "prerouting", -100),
                                      _chain(t, "output", "nat", "output", -100)]
     local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")

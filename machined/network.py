@@ -135,6 +135,7 @@ async def ensure_bridge(ipr: AsyncIPRoute, br: Bridge) -> int:
         kind = links[0].get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
         if kind != "bridge":
             die(f"Failed to use bridge {br.name}: a link of that name exists and is a {kind or 'device'}")
+        nat.add_bridge(br)
         return idx
     await _check_subnet_free(ipr, br)
     try:
