@@ -216,25 +216,32 @@ class MachineNetwork:
     def check(self) -> None:
         """Refuse what cannot work, touching nothing (the locked allocation in prepare() checks again)."""
         fail = f"Failed to start {self.name}"
-        if self.mode.kind in ("bridge", "veth"):
-            self.bridge = self.host.bridge(self.mode.link or None if self.mode.kind == "bridge" else None)
-            if self.bridge is None:
-                die(f"{fail}: bridge {self.mode.link} is not configured",
-                    hint=f"add [network.bridges.{self.mode.link}] to {netconfig.host_config_path()}")
+        store = ipam.peek()
+        if self.pod and pods.members(self.pod):
+            pass  # joins a running pod, whose network is in place: its own mode does not matter
+        elif self.mode.kind in ("bridge", "veth"):
+            self.bridge = self._bridge()
             fixed = self.cfg.network.address
             reason = fixed and ipam.fixed_error(self.bridge, ipaddress.IPv4Address(fixed), self.owner,
-                                                ipam.peek().get("leases", {}))
+                                                store.get("leases", {}))
             if reason:
                 die(f"{fail}: {reason}")
         elif self.mode.kind in ("interface", "macvlan"):
             if not os.path.exists(f"/sys/class/net/{self.mode.link}"):
                 die(f"{fail}: there is no network interface {self.mode.link} on the host")
-        taken = ipam.peek().get("ports", {})
+        taken = store.get("ports", {})
         for port in self.ports:
             owner = taken.get(port.key, {}).get("owner", self.name)
             if owner != self.name:
                 die(f"{fail}: host port {port.key} is already forwarded to {owner}")
             _check_host_port_free(port)
+
+    def _bridge(self) -> Bridge:
+        br = self.host.bridge(self.mode.link or None if self.mode.kind == "bridge" else None)
+        if br is None:
+            die(f"Failed to start {self.name}: bridge {self.mode.link} is not configured",
+                hint=f"add [network.bridges.{self.mode.link}] to {netconfig.host_config_path()}")
+        return br
 
     def prepare(self, data: dict[str, object]) -> None:
         """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
@@ -281,7 +288,8 @@ class MachineNetwork:
             self.record["pod_info"] = info
             try:
                 self.netns = os.open(os.path.join(pods.pod_dir(pod), "net"), os.O_RDONLY | os.O_CLOEXEC)
-                if self.bridge is not None:
+                if self.mode.kind in ("bridge", "veth"):
+                    self.bridge = self.bridge or self._bridge()  # the pod ended since check()
                     self._lease(store, [ref])
                     info.update(bridge=self.bridge.name, keep=self.bridge.keep)
                 pods.write_info(pod, info)
@@ -295,7 +303,6 @@ class MachineNetwork:
         for key in ("addresses", "interfaces"):
             if info.get(key):
                 self.data[key] = info[key]
-        self.record["bridge"] = info.get("bridge")
 
     def join_namespaces(self) -> list[tuple[int, int]]:
         """For spawn: the pod's namespaces to join instead of new ones (closed by attach())."""
