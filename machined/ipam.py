@@ -34,8 +34,18 @@ def store_path() -> str:
     return os.path.join(store_dir(), "leases.json")
 
 
+def _load() -> dict[str, dict[str, dict[str, object]]]:
+    try:
+        with open(store_path()) as f:
+            data = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
 class Store:
-    """`with Store() as s:` holds the network lock; changes are written back on a clean exit."""
+    """`with Store() as s:` holds the network lock; changes are written back when it is left (also
+    on an error: what was leased is in the owner's state, and its teardown gives it back)."""
 
     def __init__(self) -> None:
         self.fd = -1
@@ -46,12 +56,7 @@ class Store:
         os.makedirs(store_dir(), mode=0o755, exist_ok=True)
         self.fd = os.open(os.path.join(store_dir(), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
-        try:
-            with open(store_path()) as f:
-                data = json.load(f)
-            self.data = data if isinstance(data, dict) else {}
-        except (FileNotFoundError, ValueError):
-            self.data = {}
+        self.data = _load()
         for key in ("leases", "ports"):
             self.data.setdefault(key, {})
         self._reclaim()
@@ -159,17 +164,12 @@ def fixed_error(br: Bridge, addr: ipaddress.IPv4Address, owner: str, leases: dic
 
 def peek() -> dict[str, dict[str, dict[str, object]]]:
     """The store's live entries, read without the lock (for early checks; decisions take the lock)."""
-    try:
-        with open(store_path()) as f:
-            data = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: {kk: vv for kk, vv in v.items() if _owner_alive(vv)} for k, v in data.items() if isinstance(v, dict)}
+    return {k: {kk: vv for kk, vv in v.items() if _owner_alive(vv)} for k, v in _load().items()}
 
 
-def _owner_alive(entry: dict[str, object]) -> bool:
+def _owner_alive(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False  # not ours to understand: a damaged store loses it
     ref = entry.get("ref")
     if isinstance(ref, list):  # a pod: alive while any of its machines is
         return any(state.is_alive(r) for r in ref)
