@@ -394,7 +394,6 @@ class MachineNetwork:
                 await ipr.link("set", index=idx, net_ns_fd=self.netns)
             except NetlinkError as e:
                 raise _nl(f"move {self.mode.link} into {self.name}", e) from None
-        self.record["moved"] = self.mode.link
         self.data["interfaces"] = [self.mode.link]
 
     async def _add_macvlan(self) -> None:
