@@ -13,6 +13,7 @@ removing them is one idempotent 'delete table' each.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 
 from machined.log import MachinedError
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 FAMILY = "inet"  # one table serves IPv4 and IPv6
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _lib: ctypes.CDLL | None = None
 
 
@@ -103,8 +105,8 @@ def _payload(proto: str, fld: str) -> dict[str, object]:
     return {"payload": {"protocol": proto, "field": fld}}
 
 
-def _prefix(net: object) -> dict[str, object]:
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}  # type: ignore[attr-defined]
+def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dict[str, object]:
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
 def add_bridge(br: Bridge) -> None:
@@ -118,34 +120,29 @@ def add_bridge(br: Bridge) -> None:
         # Forwards from 127.0.0.1 need route_localnet on the bridge; without this rule a machine
         # could then reach the host's loopback-only services (CVE-2020-8558 in kube-proxy).
         _chain(t, "guard", "filter", "prerouting", -300),
-        _rule(t, "guard", _match(iif, br.name), _match(_payload("ip", "daddr"), _prefix_str("127.0.0.0/8")),
+        _rule(t, "guard", _match(iif, br.name), _match(_payload("ip", "daddr"), _prefix(LOOPBACK)),
               {"drop": None}),
         _chain(t, "postrouting", "nat", "postrouting", 100),
         # Forwarded connections from the host's loopback: answer to the bridge's address instead.
-        _rule(t, "postrouting", _match(oif, br.name), _match(_payload("ip", "saddr"), _prefix_str("127.0.0.0/8")),
+        _rule(t, "postrouting", _match(oif, br.name), _match(_payload("ip", "saddr"), _prefix(LOOPBACK)),
               {"masquerade": None}),
         _chain(t, "forward", "filter", "forward", 0),
     ]
-    nets = [("ip", br.subnet)] + ([("ip6", br.ipv6_subnet)] if br.ipv6_subnet else [])
-    for proto, net in nets:
-        if br.nat:
+    if br.nat:
+        nets = [("ip", br.subnet)] + ([("ip6", br.ipv6_subnet)] if br.ipv6_subnet else [])
+        for proto, net in nets:
             cmds.append(_rule(t, "postrouting", _match(_payload(proto, "saddr"), _prefix(net)),
                               _match(_payload(proto, "daddr"), _prefix(net), "!="), {"masquerade": None}))
-    if not br.nat:
+    else:
         # Host-only: machines reach the host and each other, nothing is routed beyond the bridge.
         cmds.append(_rule(t, "forward", _match(iif, br.name), _match(oif, br.name, "!="), {"drop": None}))
         cmds.append(_rule(t, "forward", _match(oif, br.name), _match(iif, br.name, "!="), {"drop": None}))
     run(cmds)
 
 
-def _prefix_str(cidr: str) -> dict[str, object]:
-    addr, _, length = cidr.partition("/")
-    return {"prefix": {"addr": addr, "len": int(length)}}
-
-
 def add_forwards(machine: str, ports: list[Port], address: str, address6: str | None) -> None:
     """DNAT the host's ports to the machine, for traffic from outside (prerouting) and from the host
-    itself (output), to any local address: 127.0.0.1 included (the bridge has route_localnet)."""
+    itself (output), to any local address: 127.0.0.1 included on a bridge (it has route_localnet)."""
     t = machine_table(machine)
     cmds: list[dict[str, object]] = [*_fresh_table(t),
                                      _chain(t, "prerouting", "nat", "prerouting", -100),

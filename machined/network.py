@@ -360,8 +360,9 @@ class MachineNetwork:
                 await ipr.link("set", index=idx, master=master, state="up")
             else:
                 # Point to point: the host side holds the gateway address, with the machine as peer.
+                # No route_localnet here: without the bridge's guard rule it would open the host's
+                # loopback services to the machine, so forwards from 127.0.0.1 are a bridge's alone.
                 await ipr.addr("add", index=idx, local=str(br.gateway), address=str(self.address), prefixlen=32)
-                _write_sysctl(f"net/ipv4/conf/{outer}/route_localnet", "1")
                 await ipr.link("set", index=idx, state="up")
             self.data["ifindices"] = [idx]
         await self._configure_inside(br)
