@@ -13,7 +13,6 @@ private venv unless --mctl names another.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -24,35 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tests"))
-
-
-def private_install() -> Path:
-    """A non-editable install of this checkout (keyed by its sources), without setuptools."""
-    digest = hashlib.sha256()
-    for p in [*sorted((REPO / "machined").rglob("*.py")), REPO / "pyproject.toml"]:
-        digest.update(p.read_bytes())
-    venv = CACHE / f"bench-venv-{digest.hexdigest()[:12]}"
-    if not (venv / "bin/mctl").exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin/pip"), "install", "-q", str(REPO)], check=True)
-        subprocess.run([str(venv / "bin/pip"), "uninstall", "-q", "-y", "setuptools"], check=False)
-    return venv / "bin/mctl"
-
-
-def clean_nspawn_leftovers() -> None:
-    # systemd-nspawn on a host without systemd leaves its payload/supervisor cgroups behind.
-    for top in ("unified", "systemd"):
-        for name in ("payload", "supervisor"):
-            d = Path("/sys/fs/cgroup") / top / name
-            if d.exists():
-                for dirpath, _dirs, _files in sorted(os.walk(d), key=lambda x: -len(x[0])):
-                    try:
-                        os.rmdir(dirpath)
-                    except OSError:
-                        pass
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_start import clean_nspawn_leftovers, private_install
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -69,7 +41,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_network: run as root", file=sys.stderr)
         return 1
-    mctl = str(a.mctl or private_install())
+    mctl = str(a.mctl or private_install(deps=True))
     work = Path(tempfile.mkdtemp(prefix="machined-bench-"))
     bridge = f"mbbench{os.getpid() % 10000}"
     env = dict(os.environ, MACHINED_IMAGE_DIR=str(work / "images"), MACHINED_CONFIG_DIR=str(work / "config"),

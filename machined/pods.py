@@ -116,21 +116,8 @@ def destroy(pod: str) -> None:
     """Unpin the namespaces (the network namespace and its links go with them). Idempotent."""
     d = pod_dir(pod)
     for ns, _ in NAMESPACES:
-        target = os.path.join(d, ns)
         try:
-            linux.umount(target, linux.MNT_DETACH)
+            linux.umount(os.path.join(d, ns), linux.MNT_DETACH)
         except OSError:
             pass
-        try:
-            os.unlink(target)
-        except FileNotFoundError:
-            pass
-    for leftover in ("pod.json", "pod.json.tmp"):
-        try:
-            os.unlink(os.path.join(d, leftover))
-        except FileNotFoundError:
-            pass
-    try:
-        os.rmdir(d)
-    except FileNotFoundError:
-        pass
+    state.remove_dir(d)

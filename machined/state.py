@@ -186,7 +186,11 @@ def cleanup_stale(name: str) -> None:
 
 def remove_runtime_dir(name: str) -> None:
     """The per-machine runtime directory holds only files and sockets (no shutil on this path)."""
-    d = paths.machine_runtime_dir(name)
+    remove_dir(paths.machine_runtime_dir(name))
+
+
+def remove_dir(d: str) -> None:
+    """d and the files in it, if they are there."""
     try:
         entries = os.listdir(d)
     except FileNotFoundError:

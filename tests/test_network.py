@@ -23,21 +23,13 @@ import pytest
 
 from tests.conftest import SESSION_BRIDGE, SESSION_SUBNET, TOKEN, Env, free_subnet, host_config
 from tests.test_bad_input import assert_clean_error
+from tests.test_teardown import _wait as wait
 
 pytestmark = pytest.mark.root
 
 
 def sh(*cmd: str, check: bool = True) -> str:
     return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
-
-
-def wait(cond: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def state(env: Env, name: str) -> dict[str, object]:
