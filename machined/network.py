@@ -489,19 +489,18 @@ def hosts_path(name: str) -> str:
     return os.path.join(paths.machine_runtime_dir(name), "hosts")
 
 
-def _entries(exclude: str = "") -> list[str]:
-    """'ADDRESS NAME' for every running machine with addresses (exclude: one being torn down)."""
-    lines = []
+def _running(exclude: str = "") -> list[dict[str, object]]:
+    """The states of running machines (exclude: one being torn down)."""
+    result = []
     for name in state.all_names():
-        if name == exclude:
-            continue
-        data = state.read(name)
-        if not data or not state.is_alive(data.get("supervisor")):
-            continue
-        addrs = data.get("addresses")
-        if isinstance(addrs, list):
-            lines += [f"{a}\t{name}" for a in addrs if isinstance(a, str)]
-    return lines
+        data = state.read(name) if name != exclude else None
+        if data and state.is_alive(data.get("supervisor")):
+            result.append(data)
+    return result
+
+
+def _str_list(value: object) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _strip_block(text: str) -> str:
@@ -550,15 +549,14 @@ def _guest_hosts(rootfs: str) -> str:
 
 
 def update_hosts(host_file: str, exclude: str = "") -> None:
-    """Rewrite every running machine's hosts file and the host's managed block (under the network lock)."""
-    entries = _entries(exclude)
-    for name in state.all_names():
-        if name == exclude or not os.path.exists(state.state_path(name)):
-            continue
-        data = state.read(name) or {}
-        if "network" not in data or not state.is_alive(data.get("supervisor")):
-            continue
-        _rewrite_in_place(hosts_path(name), _with_block(_guest_hosts(str(data.get("rootfs", ""))), entries))
+    """Rewrite every running machine's hosts file and the host's managed block (under the network lock):
+    'ADDRESS NAME' for each address of each running machine."""
+    running = _running(exclude)
+    entries = [f"{a}\t{data['name']}" for data in running for a in _str_list(data.get("addresses"))]
+    for data in running:
+        if "network" in data:
+            guest = _with_block(_guest_hosts(str(data.get("rootfs", ""))), entries)
+            _rewrite_in_place(hosts_path(str(data["name"])), guest)
     if host_file:
         try:
             with open(host_file) as f:
