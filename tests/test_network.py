@@ -145,7 +145,18 @@ def test_two_machines_on_the_default_bridge(env: Env) -> None:
     assert f"{TOKEN}" not in env.hosts_file.read_text()
 
 
-def test_nat_to_the_outside(env: Env) -> None:
+@pytest.fixture
+def forwarding() -> Iterator[None]:
+    """A NAT bridge turns IPv4 forwarding on for good (as LXC and nspawn do); the test gives it back."""
+    path = Path("/proc/sys/net/ipv4/ip_forward")
+    before = path.read_text()
+    try:
+        yield
+    finally:
+        path.write_text(before)
+
+
+def test_nat_to_the_outside(env: Env, forwarding: None) -> None:
     br, _ = add_bridge(env, nat=True)
     out_subnet = free_subnet(exclude=(SESSION_SUBNET,))
     name = env.name()
@@ -166,6 +177,7 @@ def test_nat_to_the_outside(env: Env) -> None:
             # The outside sees the host's address, not the machine's: masqueraded.
             assert seen == host_addr != address(env, name)
             assert "masquerade" in sh("nft", "list", "table", "inet", f"machined-{br}")
+            assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
         finally:
             server.kill()
             server.wait()
