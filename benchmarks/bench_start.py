@@ -36,16 +36,18 @@ def debian_rootfs() -> Path:
     return cached_tree(("debian-bookworm", "v2", DEBIAN_MIRROR, *DEBIAN_PACKAGES), build_debian)
 
 
-def private_install() -> Path:
-    """A non-editable install of this checkout (keyed by its sources), without setuptools."""
+def private_install(deps: bool = False) -> Path:
+    """A non-editable install of this checkout (keyed by its sources), without setuptools; with its
+    dependencies if deps (networking needs pyroute2)."""
     digest = hashlib.sha256()
     for p in [*sorted((REPO / "machined").rglob("*.py")), REPO / "pyproject.toml"]:
         digest.update(p.read_bytes())
-    venv = CACHE / f"bench-venv-{digest.hexdigest()[:12]}"
+    venv = CACHE / f"bench-venv{'-deps' if deps else ''}-{digest.hexdigest()[:12]}"
     if not (venv / "bin/mctl").exists():
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(REPO)], check=True)
+        subprocess.run([str(venv / "bin/pip"), "install", "-q", *([] if deps else ["--no-deps"]), str(REPO)],
+                       check=True)
         subprocess.run([str(venv / "bin/pip"), "uninstall", "-q", "-y", "setuptools"], check=False)
     return venv / "bin/mctl"
 
@@ -102,7 +104,8 @@ def leader_of_nspawn(pid: int, deadline: float) -> int:
 
 def boot_mctl(mctl: Path, env: dict[str, str], name: str) -> float:
     start = time.perf_counter()
-    subprocess.run([str(mctl), "start", name], env=env, check=True)
+    # Loopback only, as before machines were bridged by default: this measures the start itself.
+    subprocess.run([str(mctl), "start", name, "--network", "none"], env=env, check=True)
     leader = int(subprocess.run([str(mctl), "show", name, "-p", "Leader", "--value"], env=env, check=True,
                                 capture_output=True, text=True).stdout)
     wait_running(leader, start + 60)

@@ -69,13 +69,23 @@ def _json(obj: object) -> None:
 
 # --- verbs -------------------------------------------------------------------------------------
 
+def _network_options(a: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in (("mode", a.network), ("ports", a.port), ("pod", a.pod),
+                              ("address", getattr(a, "address", None))) if v}
+
+
 def verb_create(a: argparse.Namespace) -> int:
     import time
 
     from machined import store
 
+    network = None
+    if _network_options(a):
+        from machined import config
+
+        network = config.with_network(config.Network(), **_network_options(a))  # type: ignore[arg-type]
     started = time.monotonic()
-    how = store.create(a.name, a.template, a.release, a.set, a.storage)
+    how = store.create(a.name, a.template, a.release, a.set, a.storage, network)
     if sys.stdout.isatty():
         print(f"Created {a.name} ({how}) in {time.monotonic() - started:.2f} s.")
     return 0
@@ -115,7 +125,8 @@ def verb_start(a: argparse.Namespace) -> int:
 
     code = 0
     for name in a.names:
-        code = machines.start(name, foreground=a.foreground, ephemeral=a.ephemeral) or code
+        code = machines.start(name, foreground=a.foreground, ephemeral=a.ephemeral,
+                              network=_network_options(a)) or code
     return code
 
 
@@ -497,6 +508,13 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     def output(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
+    def network_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--network", metavar="MODE",
+                        help="none, veth, bridge[:NAME] (default), interface:IF or macvlan:IF")
+        sp.add_argument("-p", "--port", action="append", default=[], metavar="[tcp|udp:]HOSTPORT[:MACHINEPORT]",
+                        help="forward a host port to the machine")
+        sp.add_argument("--pod", metavar="NAME", help="share network, IPC and UTS namespaces with the pod")
+
     sp = verb("create", verb_create, "create a machine's root file system and configuration from a template")
     sp.add_argument("name")
     sp.add_argument("-t", "--template", required=True)
@@ -505,6 +523,8 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     sp.add_argument("--storage", choices=("auto", "directory", "overlay"), default="auto",
                     help="a full tree, or an overlay on a shared base (auto: copy-on-write copy where the "
                          "file system has reflinks, else overlay)")
+    network_options(sp)
+    sp.add_argument("--address", help="fixed IPv4 address in the bridge's subnet (default: a stable lease)")
 
     sp = verb("templates", verb_templates, "list templates and their parameters")
     output(sp)
@@ -513,6 +533,7 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("--foreground", action="store_true", help="supervise in this process (for service units)")
     sp.add_argument("-x", "--ephemeral", action="store_true", help="run on a throw-away layer: nothing persists")
+    network_options(sp)
 
     sp = verb("run", verb_run, "run a command as a one-shot machine in the foreground")
     sp.add_argument("name", nargs="?", default=None)

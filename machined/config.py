@@ -40,11 +40,31 @@ def parse_size(value: str | int) -> int:
 
 @dataclass(frozen=True)
 class Network:
-    mode: str = "none"  # loopback only
+    mode: str = "bridge"            # none, veth, bridge[:NAME], interface:IF, macvlan:IF (see netconfig)
+    address: str = ""               # fixed IPv4 address in the bridge's subnet; default: a stable lease
+    ports: tuple[str, ...] = ()     # forwards, '[tcp|udp:]HOSTPORT[:MACHINEPORT]'
+    pod: str = ""                   # share network, IPC and UTS namespaces with the pod's other machines
 
     def validate(self) -> None:
-        if self.mode != "none":
-            raise ValueError(f"network mode {self.mode!r} is not supported (only 'none')")
+        if self.mode == "none" and not (self.ports or self.pod or self.address):
+            return  # nothing to parse: keeps the loopback-only path free of the network modules
+        from machined import netconfig
+
+        netconfig.check_machine_network(self.mode, self.address, self.ports, self.pod)
+
+
+def with_network(base: Network, mode: str | None = None, ports: list[str] | None = None, pod: str | None = None,
+                 address: str | None = None) -> Network:
+    """base with the network options of create/start applied (--network, --port, --pod, --address)."""
+    changes: dict[str, Any] = {k: v for k, v in (("mode", mode), ("pod", pod), ("address", address)) if v is not None}
+    if ports:
+        changes["ports"] = tuple(ports)
+    net = dataclasses.replace(base, **changes)
+    try:
+        net.validate()
+    except ValueError as e:
+        die(f"Invalid network setting: {e}")
+    return net
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from machined.log import die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from machined.config import MachineConfig
     from machined.supervisor import Plan
 
@@ -43,10 +45,17 @@ def _image_machine_id(rootfs: str) -> str | None:
     return value if len(value) == 32 and all(c in "0123456789abcdef" for c in value) else None
 
 
-def start(name: str, foreground: bool = False, ephemeral: bool = False) -> int:
+def start(name: str, foreground: bool = False, ephemeral: bool = False, network: dict[str, Any] | None = None) -> int:
+    """network: start's --network/--port/--pod options, for this run only."""
     from machined import supervisor
 
     cfg = load_config(name)
+    if network:
+        import dataclasses
+
+        from machined import config
+
+        cfg = dataclasses.replace(cfg, network=config.with_network(cfg.network, **network))
     plan = supervisor.plan_from_config(cfg, ephemeral=ephemeral)
     lock = supervisor.acquire(name)
     if foreground:

@@ -58,6 +58,8 @@ class Spec:
         self.on_namespaces: list[Callable[[int], None]] = []
         # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
         self.in_child: list[Callable[[int], None]] = []
+        # Namespaces to join instead of making new ones (a pod's): (fd, CLONE_NEW* type).
+        self.join: list[tuple[int, int]] = []
 
 
 def machine_env(spec: Spec) -> dict[str, str]:
@@ -165,15 +167,20 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
             step = f"join cgroup of {spec.name}"
             spec.cgroup.join_payload(0)
         step = "create namespaces"
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-                      | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP)
+        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP
+        for fd, nstype in spec.join:
+            step = "join the pod's namespaces"
+            linux.setns(fd, nstype)
+            flags &= ~nstype
+        linux.unshare(flags)
         if spec.on_namespaces:
             os.write(status_w, b"N")
             if os.read(go_r, 1) != b"G":
                 os._exit(1)
         os.close(go_r)
-        step = "set hostname"
-        linux.sethostname(spec.name)
+        if flags & linux.CLONE_NEWUTS:  # a joined UTS namespace keeps its (the pod's) name
+            step = "set hostname"
+            linux.sethostname(spec.name)
         step = "bring up loopback"
         linux.loopback_up()
         step = f"mount root file system {spec.rootfs}"

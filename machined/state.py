@@ -140,6 +140,7 @@ def is_alive(ref: object) -> bool:
 # are imported only when their key is present, keeping heavy imports off paths that need none.
 TEARDOWN: list[tuple[str, str, str]] = [
     ("leader", "machined.supervisor", "kill_leftovers"),
+    ("network", "machined.network", "teardown"),
     ("cgroup", "machined.cgroups", "teardown"),
     ("ephemeral", "machined.images", "remove_ephemeral"),
 ]
@@ -186,7 +187,11 @@ def cleanup_stale(name: str) -> None:
 
 def remove_runtime_dir(name: str) -> None:
     """The per-machine runtime directory holds only files and sockets (no shutil on this path)."""
-    d = paths.machine_runtime_dir(name)
+    remove_dir(paths.machine_runtime_dir(name))
+
+
+def remove_dir(d: str) -> None:
+    """d and the files in it, if they are there."""
     try:
         entries = os.listdir(d)
     except FileNotFoundError:

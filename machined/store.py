@@ -72,7 +72,8 @@ class Creation:
             raise MachinedError(f"Failed to {self.verb} {self.name}: {exc.strerror or exc}") from None
 
 
-def create(name: str, template: str, release: str | None, settings: list[str], storage: str = "auto") -> str:
+def create(name: str, template: str, release: str | None, settings: list[str], storage: str = "auto",
+           network: config.Network | None = None) -> str:
     """Make machine name from a template; returns how its tree was made (for the user)."""
     paths.check_name(name)
     from machined import bootstrap, templates
@@ -120,7 +121,8 @@ def create(name: str, template: str, release: str | None, settings: list[str], s
                 if overlay:
                     images.remove_tree(overlay.work)
             c.commit(config.MachineConfig(name=name, id=machine_id, template=template, release=release,
-                                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), base=base))
+                                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), base=base,
+                                          network=network or config.Network()))
         finally:
             if held:
                 held.release()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from machined.config import MachineConfig, Resources
     from machined.devices import Node
     from machined.hotplug import Watcher
+    from machined.network import MachineNetwork
 
 LOG_MAX = 1 << 20
 
@@ -65,7 +66,8 @@ class Plan:
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
                  kill_timeout: float = 30.0, config: MachineConfig | None = None, nodes: tuple[Node, ...] = (),
                  limits: Resources | None = None, hotplug: tuple[str, ...] = (),
-                 overlay: mounts.Overlay | None = None, ephemeral: str = "") -> None:
+                 overlay: mounts.Overlay | None = None, ephemeral: str = "",
+                 network: MachineNetwork | None = None) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -81,6 +83,7 @@ class Plan:
         self.hotplug = hotplug      # hotplug rules
         self.overlay = overlay          # the root is an overlay (overlay image or ephemeral run)
         self.ephemeral = ephemeral      # the throw-away layer of an ephemeral run, removed at teardown
+        self.network = network
 
 
 def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemeral: bool = False) -> Plan:
@@ -109,13 +112,19 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemera
         init_kind, rules, nodes = images.in_merged_view(cfg, check)
     else:
         init_kind, rules, nodes = check()
+    net = None
+    if cfg.network.mode != "none" or cfg.network.pod:
+        from machined import network  # pyroute2 only for machines with a network
+
+        net = network.MachineNetwork(cfg, rootfs)
+        net.check()
     from machined import config
 
     limits = cfg.resources if cfg.resources != config.Resources() else None
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
                 init_kind=init_kind, read_only=cfg.read_only, rules=rules, kill_timeout=cfg.kill_timeout,
                 config=cfg, nodes=nodes, limits=limits, hotplug=cfg.devices.hotplug, overlay=overlay,
-                ephemeral=layer)
+                ephemeral=layer, network=net)
 
 
 class Supervisor:
@@ -126,6 +135,7 @@ class Supervisor:
         self.attach = attach            # foreground: console relayed to our own stdio (run on a tty)
         self.rundir = paths.machine_runtime_dir(plan.name)
         self.cgroup: cgroups.MachineCgroup | None = None
+        self.net: MachineNetwork | None = None
         self.child: spawn.Child | None = None
         self.master = -1
         self.slave = -1
@@ -157,6 +167,8 @@ class Supervisor:
                 self._report_ready()
                 status = self._loop()
                 self.child.close()
+                if self.net is not None:
+                    self.net.end_boot()
                 self._log(f"\r\n[machined: init ended: {_describe(status)}]\r\n".encode())
                 if self._is_reboot(status) and not self.stopping:
                     self._log(f"\r\n[machined: {self.plan.name} reboots]\r\n".encode())
@@ -195,6 +207,9 @@ class Supervisor:
             from machined import passthrough
 
             passthrough.record(self.plan.name, self.plan.rules, self.plan.nodes)
+        if self.plan.network is not None:
+            self.net = self.plan.network
+            self.net.prepare(self.data)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -262,6 +277,10 @@ class Supervisor:
             hook = passthrough.node_hook(self.plan.name)  # settings, bind-device and hotplug, at every boot
             if hook is not None:
                 spec.in_child.append(hook)
+        if self.net is not None:
+            spec.join = self.net.join_namespaces()
+            spec.on_namespaces.append(self.net.attach)
+            spec.in_child.append(self.net.in_child)
         return spec
 
     def _write_state(self) -> None:
@@ -498,6 +517,8 @@ class Supervisor:
             except ChildProcessError:
                 pass
             self.child.close()
+        if self.net is not None:
+            self.net.end_boot()
         if self.saved_tty is not None:
             import termios
 

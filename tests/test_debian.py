@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,15 +14,14 @@ from tests.conftest import Env, copy_tree
 pytestmark = pytest.mark.slow
 
 
-def wait_running(env: Env, name: str) -> str:
-    """systemctl's answer once systemd's bus is up: right after start or reboot it may not be yet."""
-    deadline = time.monotonic() + 120
-    state = ""
-    while time.monotonic() < deadline and not state:
-        state = env.mctl("shell", name, "--", "systemctl", "is-system-running", "--wait", timeout=120).stdout.strip()
-        if not state:
-            time.sleep(0.1)
-    return state
+def wait_running(env: Env, name: str) -> subprocess.CompletedProcess[str]:
+    """systemctl is-system-running --wait, once systemd listens: right after its exec, it does not yet."""
+    deadline = time.monotonic() + 30
+    while True:
+        r = env.mctl("shell", name, "--", "systemctl", "is-system-running", "--wait", timeout=120)
+        if r.stdout.strip() or "Failed to connect to bus" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
 
 
 def test_debian_boots_to_running_and_powers_off(env: Env, debian_rootfs: Path) -> None:
@@ -32,7 +32,7 @@ def test_debian_boots_to_running_and_powers_off(env: Env, debian_rootfs: Path) -
     env.ok("start", name)
     state = wait_running(env, name)
     booted = time.monotonic() - start
-    assert state == "running", state + env.ok("shell", name, "--", "systemctl", "--failed")
+    assert state.stdout.strip() == "running", state.stdout + env.ok("shell", name, "--", "systemctl", "--failed")
     assert booted < 30
     info = json.loads(env.ok("show", name, "-o", "json"))
     assert info["Init"] == "systemd" and info["OS"] == "debian" and info["OSVersion"] == "12"
@@ -42,7 +42,7 @@ def test_debian_boots_to_running_and_powers_off(env: Env, debian_rootfs: Path) -
     machine_id = env.ok("shell", name, "--", "cat", "/etc/machine-id").strip()
     assert machine_id == info["Id"]
     env.ok("reboot", name, timeout=60)
-    assert wait_running(env, name) == "running"
+    assert wait_running(env, name).stdout.strip() == "running"
     env.ok("poweroff", name, timeout=60)
     assert env.running() == []
     log = (env.runtime / "logs" / f"{name}.log").read_text(errors="replace")
