@@ -17,10 +17,11 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # Runtime: busybox-static for the busybox template, mmdebstrap/debootstrap for Debian images,
-# nftables and iproute2 for networking, python3-venv for the package's environment.
+# nftables and iproute2 for networking, libudev1 for device lookups and hotplug (pyudev),
+# python3-venv for the package's environment.
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv busybox-static mmdebstrap debootstrap debian-archive-keyring \
-    nftables iproute2 dnsmasq-base zstd xz-utils ca-certificates >/dev/null
+    nftables iproute2 dnsmasq-base zstd xz-utils ca-certificates util-linux libudev1 >/dev/null
 
 if [ -d /run/systemd/system ]; then
     # systemd-machined and machinectl: machines are registered with them where systemd runs.

@@ -19,6 +19,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+    from machined.config import Resources
+
 SLICE = "machine.slice"
 PAYLOAD = "payload"
 
@@ -56,7 +58,18 @@ def _unescape(s: str) -> str:
     return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
+_SCANNED: list[Hierarchy] | None = None
+
+
 def _scan() -> list[Hierarchy]:
+    """The mounted hierarchies and our place in them (read once per process: mounts do not move)."""
+    global _SCANNED
+    if _SCANNED is None:
+        _SCANNED = _scan_mounts()
+    return _SCANNED
+
+
+def _scan_mounts() -> list[Hierarchy]:
     own = _self_cgroups()
     with open("/proc/cgroups") as f:
         known = {line.split()[0] for line in f if not line.startswith("#")}
@@ -138,10 +151,17 @@ def prewarm() -> None:
     import _thread
 
     def move_self() -> None:
+        # As little Python as possible: this thread competes with the imports for the GIL.
         try:
-            h = _scan()[0]
-            _write(os.path.join(h.base, "cgroup.procs"), str(os.getpid()))
-        except (OSError, IndexError, ValueError):
+            with open("/proc/self/cgroup") as f:
+                v2 = next(line[3:].strip() for line in f if line.startswith("0::"))
+            for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+                try:
+                    _write(f"{top}{v2}/cgroup.procs", str(os.getpid()))
+                    return
+                except FileNotFoundError:
+                    continue
+        except (OSError, StopIteration):
             pass
 
     _thread.start_new_thread(move_self, ())
@@ -240,8 +260,16 @@ class MachineCgroup:
 
 
 def _rmtree_cgroup(top: str, deadline: float) -> None:
-    if not os.path.isdir(top):
+    try:
+        # The common case: a scope with just its payload, which the guest left empty.
+        os.rmdir(os.path.join(top, PAYLOAD))
+        os.rmdir(top)
         return
+    except FileNotFoundError:
+        if not os.path.isdir(top):
+            return
+    except OSError:
+        pass
     for dirpath, dirnames, _ in os.walk(top, topdown=False):
         del dirnames
         while True:
@@ -271,8 +299,10 @@ def _copy_cpuset(parent: str, child: str) -> None:
         _write(os.path.join(child, key), _read(os.path.join(parent, key)).strip() or "\n")
 
 
-def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None) -> MachineCgroup:
-    """Create the machine's scope and payload in every hierarchy; undone completely on failure."""
+def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None,
+           limits: Resources | None = None) -> MachineCgroup:
+    """Create the machine's scope and payload in every hierarchy, with its device policy and limits;
+    undone completely on failure."""
     which = which or layout()
     hs = hierarchies(which)
     if not hs:
@@ -281,15 +311,20 @@ def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: st
     try:
         for h in hs:
             scope = os.path.join(h.base, SLICE, scope_name(name))
-            if os.path.exists(scope):
+            try:
+                os.mkdir(scope)
+            except FileExistsError:
                 # A machine of this name that died with no supervisor left this behind.
                 _rmtree_cgroup(scope, time.monotonic() + 2)
-            _mkdir(os.path.dirname(scope))
-            os.mkdir(scope)
+                os.mkdir(scope)
+            except FileNotFoundError:
+                _mkdir(os.path.dirname(scope))  # the first machine: make the slice
+                os.mkdir(scope)
             cg.dirs[h.mountpoint] = scope
             cg.keys[h.mountpoint] = h.key
             if "cpuset" in h.controllers:
-                _copy_cpuset(h.base, os.path.dirname(scope))
+                if not _read(os.path.join(os.path.dirname(scope), "cpuset.cpus")).strip():
+                    _copy_cpuset(h.base, os.path.dirname(scope))
                 _copy_cpuset(os.path.dirname(scope), scope)
             if "devices" in h.controllers:
                 devices.apply_v1(scope, allow)  # before payload exists: v1 refuses deny-all with children
@@ -301,6 +336,10 @@ def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: st
             os.mkdir(payload)
             if "cpuset" in h.controllers:
                 _copy_cpuset(scope, payload)
+        if limits is not None:
+            from machined import resources
+
+            resources.apply(cg, limits)
     except OSError as e:
         cg.remove(timeout=1)
         fail(f"create cgroup for {name}", e)

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from machined import log
 from machined.log import MachinedError
+
+
+def _prewarm_if_starting() -> None:
+    """Starting a machine moves processes between cgroups, and the kernel's first move after a
+    quiet spell waits for an RCU grace period (~15 ms here): begin that wait now, before the
+    imports below, so that it overlaps with them (see cgroups.prewarm). Where systemd runs, first
+    (before that thread) fork the machine's D-Bus agent, which loads dbus-fast on another CPU
+    meanwhile (see systemd.prefork)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if args[:1] in (["run"], ["start"]) and os.geteuid() == 0:
+        from machined import cgroups, systemd
+
+        if (args[0] == "run" or len(args) == 2) and not {"-h", "--help"} & set(sys.argv):  # one machine
+            systemd.prefork()
+        cgroups.prewarm()
+
+
+_prewarm_if_starting()
+
+import argparse  # noqa: E402 - after the prewarm on purpose
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -54,28 +73,54 @@ def _json(obj: object) -> None:
 
 # --- verbs -------------------------------------------------------------------------------------
 
+def _network_options(a: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in (("mode", a.network), ("ports", a.port), ("pod", a.pod),
+                              ("address", getattr(a, "address", None))) if v}
+
+
 def verb_create(a: argparse.Namespace) -> int:
+    import time
+
     from machined import store
 
-    store.create(a.name, a.template, a.release, a.set)
+    network = None
+    if _network_options(a):
+        from machined import config
+
+        network = config.with_network(config.Network(), **_network_options(a))  # type: ignore[arg-type]
+    started = time.monotonic()
+    how = store.create(a.name, a.template, a.release, a.set, a.storage, network)
+    if sys.stdout.isatty():
+        print(f"Created {a.name} ({how}) in {time.monotonic() - started:.2f} s.")
     return 0
 
 
 def verb_templates(a: argparse.Namespace) -> int:
-    from machined import templates
+    from machined import bootstrap, templates
 
     tmpls = templates.available()
+    cached = bootstrap.entries()
     if a.output == "json":
         _json([{"name": t.name, "description": t.description, "bootstrap": t.bootstrap, "releases": t.releases,
-                "parameters": {p.name: {"type": p.type, "default": p.default, "help": p.help}
-                               for p in t.parameters.values()}} for t in tmpls])
+                "base": t.base.name if t.base else None, "path": t.path,
+                "parameters": {p.name: {"type": p.type, "default": p.default, "help": p.help,
+                                        "choices": p.choices} for p in t.parameters.values()},
+                "cached": [c for c in cached if c.get("distro") == t.distro and t.bootstrap in bootstrap.CACHED]}
+               for t in tmpls])
         return 0
-    for t in tmpls:
-        print(f"{t.name}: {t.description}")
+    for n, t in enumerate(tmpls):
+        if n:
+            print()
+        print(f"{t.name}: {t.description}" + (f" (extends {t.base.name})" if t.base else ""))
         if t.releases:
             print(f"  releases: {', '.join(t.releases)} (default {t.default_release})")
         for p in t.parameters.values():
-            print(f"  {p.name} ({p.type}, default {p.default!r}): {p.help}")
+            choices = f", one of {'/'.join(str(c) for c in p.choices)}" if p.choices else ""
+            print(f"  --set {p.name}=  {p.type}{choices}, default {p.default!r}: {p.help}")
+        if t.bootstrap in bootstrap.CACHED:
+            for c in cached:
+                if c.get("distro") == t.distro:
+                    print(f"  cached: {c['key']} ({_fmt_time(c.get('created'))})")
     return 0
 
 
@@ -84,7 +129,8 @@ def verb_start(a: argparse.Namespace) -> int:
 
     code = 0
     for name in a.names:
-        code = machines.start(name, foreground=a.foreground) or code
+        code = machines.start(name, foreground=a.foreground, ephemeral=a.ephemeral,
+                              network=_network_options(a)) or code
     return code
 
 
@@ -115,11 +161,11 @@ def verb_list(a: argparse.Namespace) -> int:
 def verb_list_images(a: argparse.Namespace) -> int:
     from machined import store
 
-    imgs = store.images()
+    imgs = store.list_images()
     if a.output == "json":
         _json([{"name": i["name"], "type": i["type"], "ro": i["read_only"], "usage": i["usage"],
                 "created": int(i["created"] * 1e6), "modified": int(i["modified"] * 1e6),
-                "template": i["template"]} for i in imgs])
+                "template": i["template"], "base": i["base"] or None} for i in imgs])
         return 0
     import time
 
@@ -301,6 +347,125 @@ def verb_remove(a: argparse.Namespace) -> int:
     return 0
 
 
+def verb_bind_device(a: argparse.Namespace) -> int:
+    from machined import passthrough
+
+    passthrough.bind(a.name, a.path, a.access)
+    return 0
+
+
+def verb_unbind_device(a: argparse.Namespace) -> int:
+    from machined import passthrough
+
+    passthrough.unbind(a.name, a.path)
+    return 0
+
+
+def verb_set_limit(a: argparse.Namespace) -> int:
+    from machined import resources
+
+    resources.set_limits(a.name, a.assignments, a.runtime)
+    return 0
+
+
+def verb_freeze(a: argparse.Namespace) -> int:
+    from machined import resources
+
+    for name in a.names:
+        (resources.freeze if a.verb == "freeze" else resources.thaw)(name)
+    return 0
+
+
+# --- image verbs (clone, rename, read-only, tarballs, snapshots, clean) ----------------------------
+
+def verb_clone(a: argparse.Namespace) -> int:
+    from machined import images
+
+    images.clone(a.source, a.destination, read_only=a.read_only)
+    return 0
+
+
+def verb_rename(a: argparse.Namespace) -> int:
+    from machined import images
+
+    images.rename(a.old, a.new)
+    return 0
+
+
+def verb_read_only(a: argparse.Namespace) -> int:
+    from machined import images
+
+    result = images.set_read_only(a.name, a.value)
+    if a.value is None:
+        print("yes" if result else "no")
+    return 0
+
+
+def verb_import_tar(a: argparse.Namespace) -> int:
+    from machined import tarball
+
+    tarball.import_tar(a.file, a.name, read_only=a.read_only)
+    return 0
+
+
+def verb_export_tar(a: argparse.Namespace) -> int:
+    from machined import tarball
+
+    tarball.export(a.name, a.file, a.format)
+    return 0
+
+
+def verb_snapshot(a: argparse.Namespace) -> int:
+    from machined import images
+
+    snap = images.snapshot(a.name, a.snapshot)
+    if sys.stdout.isatty():
+        print(f"Snapshot {snap} of {a.name} taken.")
+    return 0
+
+
+def verb_list_snapshots(a: argparse.Namespace) -> int:
+    import time
+
+    from machined import images
+
+    snaps = images.snapshots(a.name)
+    if a.output == "json":
+        _json([{"name": s["name"], "created": int(float(s["created"]) * 1e6), "usage": s["usage"],
+                "base": s["base"] or None} for s in snaps])
+        return 0
+    rows = [[str(s["name"]), time.strftime("%a %Y-%m-%d %H:%M:%S", time.localtime(float(s["created"]))),
+             _size(s["usage"])] for s in snaps]
+    if rows:
+        _table(rows, ["SNAPSHOT", "CREATED", "USAGE"])
+    if not a.no_legend:
+        print(f"\n{len(rows)} snapshots listed.")
+    return 0
+
+
+def verb_restore(a: argparse.Namespace) -> int:
+    from machined import images
+
+    images.restore(a.name, a.snapshot)
+    return 0
+
+
+def verb_remove_snapshot(a: argparse.Namespace) -> int:
+    from machined import images
+
+    for snap in a.snapshots:
+        images.remove_snapshot(a.name, snap)
+    return 0
+
+
+def verb_clean(a: argparse.Namespace) -> int:
+    from machined import images
+
+    for path in images.clean(cache=a.cache):
+        print(f"Removed {path}")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 class _Formatter(argparse.HelpFormatter):
@@ -355,11 +520,23 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     def output(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
+    def network_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--network", metavar="MODE",
+                        help="none, veth, bridge[:NAME] (default), interface:IF or macvlan:IF")
+        sp.add_argument("-p", "--port", action="append", default=[], metavar="[tcp|udp:]HOSTPORT[:MACHINEPORT]",
+                        help="forward a host port to the machine")
+        sp.add_argument("--pod", metavar="NAME", help="share network, IPC and UTS namespaces with the pod")
+
     sp = verb("create", verb_create, "create a machine's root file system and configuration from a template")
     sp.add_argument("name")
     sp.add_argument("-t", "--template", required=True)
     sp.add_argument("--release", default=None)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="template parameter")
+    sp.add_argument("--storage", choices=("auto", "directory", "overlay"), default="auto",
+                    help="a full tree, or an overlay on a shared base (auto: copy-on-write copy where the "
+                         "file system has reflinks, else overlay)")
+    network_options(sp)
+    sp.add_argument("--address", help="fixed IPv4 address in the bridge's subnet (default: a stable lease)")
 
     sp = verb("templates", verb_templates, "list templates and their parameters")
     output(sp)
@@ -367,6 +544,8 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
     sp = verb("start", verb_start, "boot machines detached; returns once init runs")
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("--foreground", action="store_true", help="supervise in this process (for service units)")
+    sp.add_argument("-x", "--ephemeral", action="store_true", help="run on a throw-away layer: nothing persists")
+    network_options(sp)
 
     sp = verb("run", verb_run, "run a command as a one-shot machine in the foreground")
     sp.add_argument("name", nargs="?", default=None)
@@ -431,6 +610,69 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
 
     sp = verb("remove", verb_remove, "remove machines' images and configuration", aliases=["rm"])
     sp.add_argument("names", nargs="+", metavar="NAME")
+
+    sp = verb("bind-device", verb_bind_device, "pass a host device node into a running machine")
+    sp.add_argument("name")
+    sp.add_argument("path", metavar="/dev/NODE")
+    sp.add_argument("--access", default="rwm", help="r, w, m or a combination (default rwm)")
+
+    sp = verb("unbind-device", verb_unbind_device, "take a passed-in device out of a running machine")
+    sp.add_argument("name")
+    sp.add_argument("path", metavar="/dev/NODE")
+
+    sp = verb("set-limit", verb_set_limit, "change resource limits, at once if the machine runs, and in its settings")
+    sp.add_argument("name")
+    sp.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
+                    help="memory_max, memory_high, memory_swap_max, cpu_weight, cpu_quota, cpuset_cpus, "
+                         "tasks_max, io_weight; 'max' removes a limit")
+    sp.add_argument("--runtime", action="store_true", help="only until the machine stops")
+
+    for name, help_ in (("freeze", "freeze every process of machines"), ("thaw", "resume frozen machines")):
+        sp = verb(name, verb_freeze, help_)
+        sp.add_argument("names", nargs="+", metavar="NAME")
+
+    sp = verb("clone", verb_clone, "copy an image to a new machine (copy-on-write where possible)")
+    sp.add_argument("source")
+    sp.add_argument("destination")
+    sp.add_argument("--read-only", action="store_true")
+
+    sp = verb("rename", verb_rename, "rename a stopped machine")
+    sp.add_argument("old")
+    sp.add_argument("new")
+
+    sp = verb("read-only", verb_read_only, "show or set whether a machine's root file system is read-only")
+    sp.add_argument("name")
+    sp.add_argument("value", nargs="?", default=None, metavar="BOOL")
+
+    sp = verb("import-tar", verb_import_tar, "make a machine from a root file system tarball (checked entry by entry)")
+    sp.add_argument("file")
+    sp.add_argument("name")
+    sp.add_argument("--read-only", action="store_true")
+
+    sp = verb("export-tar", verb_export_tar, "write a stopped machine's tree to a tarball ('-': standard output)")
+    sp.add_argument("name")
+    sp.add_argument("file")
+    sp.add_argument("--format", choices=("uncompressed", "gzip", "xz", "zstd"), default=None)
+
+    sp = verb("snapshot", verb_snapshot, "keep a copy of a stopped machine's tree (default name: the time)")
+    sp.add_argument("name")
+    sp.add_argument("snapshot", nargs="?", default=None)
+
+    sp = verb("list-snapshots", verb_list_snapshots, "list a machine's snapshots")
+    sp.add_argument("name")
+    output(sp)
+    sp.add_argument("--no-legend", action="store_true")
+
+    sp = verb("restore", verb_restore, "return a stopped machine's tree to a snapshot")
+    sp.add_argument("name")
+    sp.add_argument("snapshot")
+
+    sp = verb("remove-snapshot", verb_remove_snapshot, "remove snapshots of a machine")
+    sp.add_argument("name")
+    sp.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
+
+    sp = verb("clean", verb_clean, "remove what killed creates, imports and runs left behind")
+    sp.add_argument("--cache", action="store_true", help="also remove the cached bootstraps")
     return p, built
 
 
@@ -445,12 +687,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = next((a for a in argv if not a.startswith("-")), None)
         helping = any(a in ("-h", "--help") for a in argv[: argv.index(first) if first else len(argv)])
-        if first in ("run", "start") and os.geteuid() == 0 and not helping:
-            from machined import cgroups, systemd
-
-            if first == "run" or sum(not a.startswith("-") for a in argv) == 2:  # one machine
-                systemd.prefork()  # before any thread: its D-Bus agent gets ready while we do
-            cgroups.prewarm()
         args = parser(None if helping else first).parse_args(argv)
         if command is not None:
             if not hasattr(args, "command"):

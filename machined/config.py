@@ -40,30 +40,68 @@ def parse_size(value: str | int) -> int:
 
 @dataclass(frozen=True)
 class Network:
-    mode: str = "none"  # loopback only
+    mode: str = "bridge"            # none, veth, bridge[:NAME], interface:IF, macvlan:IF (see netconfig)
+    address: str = ""               # fixed IPv4 address in the bridge's subnet; default: a stable lease
+    ports: tuple[str, ...] = ()     # forwards, '[tcp|udp:]HOSTPORT[:MACHINEPORT]'
+    pod: str = ""                   # share network, IPC and UTS namespaces with the pod's other machines
 
     def validate(self) -> None:
-        if self.mode != "none":
-            raise ValueError(f"network mode {self.mode!r} is not supported (only 'none')")
+        if self.mode == "none" and not (self.ports or self.pod or self.address):
+            return  # nothing to parse: keeps the loopback-only path free of the network modules
+        from machined import netconfig
+
+        netconfig.check_machine_network(self.mode, self.address, self.ports, self.pod)
+
+
+def with_network(base: Network, mode: str | None = None, ports: list[str] | None = None, pod: str | None = None,
+                 address: str | None = None) -> Network:
+    """base with the network options of create/start applied (--network, --port, --pod, --address)."""
+    changes: dict[str, Any] = {k: v for k, v in (("mode", mode), ("pod", pod), ("address", address)) if v is not None}
+    if ports:
+        changes["ports"] = tuple(ports)
+    net = dataclasses.replace(base, **changes)
+    try:
+        net.validate()
+    except ValueError as e:
+        die(f"Invalid network setting: {e}")
+    return net
 
 
 @dataclass(frozen=True)
 class Resources:
+    """Limits on the machine's cgroup, with systemd's meanings (see machined.resources)."""
+
     memory_max: int | None = None
+    memory_high: int | None = None
+    memory_swap_max: int | None = None
+    cpu_weight: int | None = None     # 1..10000, default 100
+    cpu_quota: str | None = None      # "50%" of one CPU
+    cpuset_cpus: str | None = None    # "0-1,3"
     tasks_max: int | None = None
-    cpu_weight: int | None = None  # 1..10000, systemd's CPUWeight=
-    cpu_quota: int | None = None   # percent of one CPU, systemd's CPUQuota=
+    io_weight: int | None = None      # 1..10000, default 100
 
     def validate(self) -> None:
-        if self.cpu_weight is not None and not 1 <= self.cpu_weight <= 10000:
-            raise ValueError("resources.cpu_weight must be between 1 and 10000")
-        if self.cpu_quota == 0:
-            raise ValueError("resources.cpu_quota must be a positive percentage")
+        if self != Resources():
+            from machined import resources
+
+            resources.validate(self)
 
 
 @dataclass(frozen=True)
 class Devices:
-    allow: tuple[str, ...] = ()  # extra device rules, 'c 10:232 rwm'
+    allow: tuple[str, ...] = ()    # '/dev/fuse rw', 'char-usb_device rw', 'block-loop r', 'c 10:232 rwm'
+    hotplug: tuple[str, ...] = ()  # 'subsystem=usb vendor=046d product=c52b access=rw' (see machined.hotplug)
+
+    def validate(self) -> None:
+        if self.allow:
+            from machined import devices
+
+            for entry in self.allow:
+                devices.parse_entry(entry)
+        if self.hotplug:
+            from machined import hotplug
+
+            hotplug.parse(self.hotplug)
 
 
 @dataclass(frozen=True)
@@ -73,6 +111,7 @@ class MachineConfig:
     template: str = ""
     release: str = ""
     created: str = ""
+    base: str = ""  # an overlay image's shared base layer (IMAGE_DIR/.machined/bases/BASE); "" for a full tree
     init: str = "/sbin/init"
     read_only: bool = False
     kill_timeout: float = 30.0  # seconds a poweroff may take before the machine is killed
@@ -86,23 +125,24 @@ class MachineConfig:
         paths.check_name(self.name)
         if len(self.id) != 32 or any(c not in "0123456789abcdef" for c in self.id):
             raise ValueError(f"id {self.id!r} is not 32 lowercase hex digits")
+        if self.base and paths.name_error(self.base):
+            raise ValueError(f"base {self.base!r} is not a valid base layer name")
         if not self.init.startswith("/"):
             raise ValueError(f"init {self.init!r} is not an absolute path")
         if self.kill_timeout <= 0:
             raise ValueError("kill_timeout must be positive")
         self.network.validate()
         self.resources.validate()
-        from machined import binds, devices
+        self.devices.validate()
+        if self.bind:
+            from machined import binds
 
-        for entry in self.bind:
-            binds.parse(entry)
-
-        for rule in self.devices.allow:
-            devices.Rule.parse(rule)
+            for entry in self.bind:
+                binds.parse(entry)
 
 
 _SECTIONS: dict[str, type] = {"network": Network, "resources": Resources, "devices": Devices}
-_SIZE_KEYS = {"memory_max"}
+_SIZE_KEYS = {"memory_max", "memory_high", "memory_swap_max"}
 
 
 def _coerce(cls: type, section: str, data: dict[str, Any], where: str, **fixed: Any) -> Any:

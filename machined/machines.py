@@ -11,6 +11,8 @@ from machined.log import die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from machined.config import MachineConfig
     from machined.supervisor import Plan
 
@@ -43,11 +45,18 @@ def _image_machine_id(rootfs: str) -> str | None:
     return value if len(value) == 32 and all(c in "0123456789abcdef" for c in value) else None
 
 
-def start(name: str, foreground: bool = False) -> int:
+def start(name: str, foreground: bool = False, ephemeral: bool = False, network: dict[str, Any] | None = None) -> int:
+    """network: start's --network/--port/--pod options, for this run only."""
     from machined import supervisor
 
     cfg = load_config(name)
-    plan = supervisor.plan_from_config(cfg)
+    if network:
+        import dataclasses
+
+        from machined import config
+
+        cfg = dataclasses.replace(cfg, network=config.with_network(cfg.network, **network))
+    plan = supervisor.plan_from_config(cfg, ephemeral=ephemeral)
     lock = supervisor.acquire(name)
     if foreground:
         return supervisor.run_foreground(plan, lock)
@@ -125,25 +134,25 @@ def _wait_gone(data: dict[str, object], timeout: float) -> bool:
 
 
 def stop(name: str, how: str, timeout: float | None = None, wait: bool = True) -> None:
-    """poweroff / halt / terminate, escalating to SIGKILL when the guest takes too long."""
-    from machined import inits
+    """poweroff / halt / terminate, escalating to SIGKILL when the guest takes too long.
+
+    A poweroff goes through the supervisor (SIGTERM), which knows the guest's init, watches the
+    shutdown and kills the machine after its kill_timeout; we wait a little longer than that.
+    """
+    from machined import inits, resources
 
     data = state.require_running(name)
-    kind = str(data.get("init", "command"))
-    if timeout is None:
-        timeout = _kill_timeout(name)
+    resources.thaw_for_stop(data)  # a frozen (v1) process takes no signal, not even SIGKILL
     if how == "terminate":
         state.signal_leader(data, signal.SIGKILL)
-        timeout = 10.0
-    elif how == "poweroff" and timeout == _kill_timeout(name):
-        # The supervisor powers off with the init's signal and escalates after the machine's timeout.
+        limit = 10.0
+    elif how == "poweroff":
         _signal_supervisor(data, signal.SIGTERM)
-        timeout += 2.0
+        limit = (timeout if timeout is not None else _kill_timeout(name)) + 2.0
     else:
-        state.signal_leader(data, inits.poweroff_signal(kind) if how == "poweroff" else inits.halt_signal(kind))
-    if not wait:
-        return
-    if _wait_gone(data, timeout):
+        state.signal_leader(data, inits.halt_signal(str(data.get("init", "command"))))
+        limit = timeout if timeout is not None else _kill_timeout(name)
+    if not wait or _wait_gone(data, limit):
         return
     state.signal_leader(data, signal.SIGKILL)
     if not _wait_gone(data, 10.0):
@@ -170,10 +179,11 @@ def _kill_timeout(name: str) -> float:
 
 
 def reboot(name: str, wait: bool = True, timeout: float = 60.0) -> None:
-    from machined import inits
+    from machined import inits, resources
 
     data = state.require_running(name)
     old_leader = data.get("leader")
+    resources.thaw_for_stop(data)
     boots = data.get("boots")
     state.signal_leader(data, inits.reboot_signal(str(data.get("init", "command"))))
     if not wait:
@@ -255,7 +265,15 @@ def _os_release(rootfs: str) -> dict[str, str]:
 def machine_info(data: dict[str, object]) -> dict[str, object]:
     """The properties of a running machine, as show prints them."""
     name = str(data["name"])
-    osr = _os_release(str(data.get("rootfs", "")))
+    # The machine's own root, as its init sees it (an overlay or ephemeral root is not the image directory).
+    leader_ref = data.get("leader")
+    leader_fd = state.open_process(leader_ref)
+    root = str(data.get("rootfs", ""))
+    if leader_fd is not None and isinstance(leader_ref, dict):
+        root = f"/proc/{leader_ref['pid']}/root"  # the recorded init, checked alive through its pidfd
+    osr = _os_release(root)
+    if leader_fd is not None:
+        os.close(leader_fd)
     leader = data.get("leader")
     supervisor = data.get("supervisor")
     cg = data.get("cgroup")
@@ -286,6 +304,10 @@ def machine_info(data: dict[str, object]) -> dict[str, object]:
         "Addresses": data.get("addresses", []),
         "NetworkInterfaces": data.get("interfaces", []),
     }
+    from machined import passthrough, resources
+
+    info.update(resources.status(data))  # usage, limits, frozen
+    info.update(passthrough.status(name))
     return info
 
 
@@ -302,14 +324,23 @@ def stopped_info(name: str) -> dict[str, object]:
     from machined import config
 
     cfg = load_config(name)
-    osr = _os_release(paths.image_path(name))
-    return {
+    if cfg.base:  # an overlay image: its merged tree
+        from machined import images
+
+        osr = images.in_merged_view(cfg, lambda: _os_release(paths.image_path(name)))
+    else:
+        osr = _os_release(paths.image_path(name))
+    result: dict[str, object] = {
         "Name": name, "Id": cfg.id, "Class": "container", "Service": "machined", "State": "stopped",
         "RootDirectory": paths.image_path(name), "Template": cfg.template, "Release": cfg.release,
         "ReadOnly": cfg.read_only, "OS": osr.get("ID", ""), "OSVersion": osr.get("VERSION_ID", ""),
         "OSPrettyName": osr.get("PRETTY_NAME", ""), "Config": paths.config_path(name),
         "Settings": config.to_toml(cfg),
     }
+    from machined import passthrough
+
+    result.update(passthrough.settings_status(cfg, running=False))  # devices, hotplug rules, limits
+    return result
 
 
 def info(name: str) -> dict[str, object]:
@@ -323,6 +354,9 @@ def info(name: str) -> dict[str, object]:
             cfg = config.load(name)
             result.update({"Template": cfg.template, "Release": cfg.release, "ReadOnly": cfg.read_only,
                            "Config": paths.config_path(name)})
+            from machined import passthrough
+
+            result.update(passthrough.settings_status(cfg, running=True))
         return result
     if os.path.isdir(paths.image_path(name)) or os.path.exists(paths.config_path(name)):
         return stopped_info(name)

@@ -294,10 +294,44 @@ def enter_root(rootfs: str) -> None:
     os.chdir("/")
 
 
-def prepare_root(rootfs: str, read_only: bool) -> int:
+class Overlay:
+    """An overlayfs root: lower layers (top first) and, unless read-only, an upper and a work dir."""
+
+    def __init__(self, lowers: list[str], upper: str = "", work: str = "") -> None:
+        self.lowers, self.upper, self.work = lowers, upper, work
+
+
+def mount_overlay(target: str, overlay: Overlay, read_only: bool) -> None:
+    """Mount the overlay on target. Layers are passed as descriptors, so no character of a path
+    (',' or ':') can change the options, and each is a directory opened without following a symlink."""
+    fds: list[int] = []
+    try:
+        for d in (overlay.upper, overlay.work):
+            if d:
+                os.makedirs(d, mode=0o755, exist_ok=True)
+
+        def dirfd(path: str) -> str:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            return fdpath(fds[-1])
+
+        options = "lowerdir=" + ":".join(dirfd(d) for d in overlay.lowers)
+        if overlay.upper:
+            options += f",upperdir={dirfd(overlay.upper)},workdir={dirfd(overlay.work)}"
+        linux.mount("overlay", target, "overlay", linux.MS_RDONLY if read_only else 0, options)
+    except OSError as e:
+        fail(f"mount the overlay root of {target}", e)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def prepare_root(rootfs: str, read_only: bool, overlay: Overlay | None = None) -> int:
     """Stop propagation to the host, make rootfs a mount point; returns an O_PATH fd of it."""
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
-    linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+    if overlay is not None:
+        mount_overlay(rootfs, overlay, read_only)
+    else:
+        linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
     if read_only:
         linux.mount(None, rootfs, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
     return os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -34,7 +34,8 @@ class Spec:
                  cgroup: MachineCgroup | None, inaccessible: str, machine_id_file: str,
                  read_only: bool = False, console: str | None = None, stdio: tuple[int, int, int] = (0, 1, 2),
                  ctty: bool = False, env: dict[str, str] | None = None, workdir: str = "/",
-                 bind_machine_id: bool = True, nesting: bool = False) -> None:
+                 bind_machine_id: bool = True, overlay: mounts.Overlay | None = None,
+                 nesting: bool = False) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -52,12 +53,15 @@ class Spec:
         # systemd sets up an empty /etc/machine-id itself from container_uuid (and commits it);
         # for other inits we cover an empty one with the machine's id for the boot.
         self.bind_machine_id = bind_machine_id
+        self.overlay = overlay          # an overlayfs root (overlay image, ephemeral run) instead of a bind mount
         self.nesting = nesting          # cgroup controllers writable: the guest may manage containers itself
         # Runs in the parent once the child's namespaces exist, before the child builds its root
         # (network set-up moves links in here); gets the child's host pid.
         self.on_namespaces: list[Callable[[int], None]] = []
         # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
         self.in_child: list[Callable[[int], None]] = []
+        # Namespaces to join instead of making new ones (a pod's): (fd, CLONE_NEW* type).
+        self.join: list[tuple[int, int]] = []
 
 
 def machine_env(spec: Spec) -> dict[str, str]:
@@ -165,19 +169,24 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
             step = f"join cgroup of {spec.name}"
             spec.cgroup.join_payload(0)
         step = "create namespaces"
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-                      | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP)
+        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP
+        for fd, nstype in spec.join:
+            step = "join the pod's namespaces"
+            linux.setns(fd, nstype)
+            flags &= ~nstype
+        linux.unshare(flags)
         if spec.on_namespaces:
             os.write(status_w, b"N")
             if os.read(go_r, 1) != b"G":
                 os._exit(1)
         os.close(go_r)
-        step = "set hostname"
-        linux.sethostname(spec.name)
+        if flags & linux.CLONE_NEWUTS:  # a joined UTS namespace keeps its (the pod's) name
+            step = "set hostname"
+            linux.sethostname(spec.name)
         step = "bring up loopback"
         linux.loopback_up()
         step = f"mount root file system {spec.rootfs}"
-        root_fd = mounts.prepare_root(spec.rootfs, spec.read_only)
+        root_fd = mounts.prepare_root(spec.rootfs, spec.read_only, spec.overlay)
         step = "mount /proc"
         mounts.setup_proc(root_fd, spec.inaccessible, private_network=True)
         step = "mount /sys"
@@ -213,13 +222,9 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
                 os.set_inheritable(fd, True)
         if ctty:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        keep = {0, 1, 2, status_w}
-        for fd in _open_fds():
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        # Nothing of ours may leak into the machine; status_w closes itself on exec.
+        os.closerange(3, status_w)
+        os.closerange(status_w + 1, 1 << 20)
         step = f"change directory to {spec.workdir}"
         os.chdir(spec.workdir)
         step = f"execute {spec.argv[0]}"
@@ -246,6 +251,3 @@ def seal_imports() -> None:
     sys.path_importer_cache.clear()
     sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") in ("BuiltinImporter", "FrozenImporter")]
 
-
-def _open_fds() -> list[int]:
-    return [int(x) for x in os.listdir("/proc/self/fd")]

@@ -86,7 +86,7 @@ def write(name: str, data: dict[str, object]) -> None:
     path = state_path(name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+        f.write(json.dumps(data, separators=(",", ":")))  # no indent: the C encoder, ten times faster
     os.replace(tmp, path)
 
 
@@ -140,8 +140,10 @@ def is_alive(ref: object) -> bool:
 # are imported only when their key is present, keeping heavy imports off paths that need none.
 TEARDOWN: list[tuple[str, str, str]] = [
     ("leader", "machined.supervisor", "kill_leftovers"),
+    ("network", "machined.network", "teardown"),
     ("cgroup", "machined.cgroups", "teardown"),
     ("systemd", "machined.systemd", "teardown"),
+    ("ephemeral", "machined.images", "remove_ephemeral"),
 ]
 
 
@@ -186,7 +188,11 @@ def cleanup_stale(name: str) -> None:
 
 def remove_runtime_dir(name: str) -> None:
     """The per-machine runtime directory holds only files and sockets (no shutil on this path)."""
-    d = paths.machine_runtime_dir(name)
+    remove_dir(paths.machine_runtime_dir(name))
+
+
+def remove_dir(d: str) -> None:
+    """d and the files in it, if they are there."""
     try:
         entries = os.listdir(d)
     except FileNotFoundError:

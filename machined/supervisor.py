@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, paths, spawn, state
+from machined import cgroups, devices, inits, linux, mounts, paths, resources, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from machined import systemd
-    from machined.config import MachineConfig
+    from machined.config import MachineConfig, Resources
+    from machined.devices import Node
+    from machined.hotplug import Watcher
+    from machined.network import MachineNetwork
 
 LOG_MAX = 1 << 20
 
@@ -63,7 +66,10 @@ class Plan:
 
     def __init__(self, *, name: str, rootfs: str, machine_id: str, argv: list[str], boot: bool,
                  init_kind: str, read_only: bool = False, rules: tuple[devices.Rule, ...] = devices.DEFAULT,
-                 kill_timeout: float = 30.0, config: MachineConfig | None = None, ephemeral_dir: bool = False) -> None:
+                 kill_timeout: float = 30.0, config: MachineConfig | None = None, nodes: tuple[Node, ...] = (),
+                 limits: Resources | None = None, hotplug: tuple[str, ...] = (),
+                 overlay: mounts.Overlay | None = None, ephemeral: str = "",
+                 network: MachineNetwork | None = None) -> None:
         self.name = name
         self.rootfs = rootfs
         self.machine_id = machine_id
@@ -74,28 +80,61 @@ class Plan:
         self.rules = rules
         self.kill_timeout = kill_timeout
         self.config = config
-        self.ephemeral_dir = ephemeral_dir
+        self.nodes = nodes          # device nodes from the settings, made in /dev at every boot
+        self.limits = limits
+        self.hotplug = hotplug      # hotplug rules
+        self.overlay = overlay          # the root is an overlay (overlay image or ephemeral run)
+        self.ephemeral = ephemeral      # the throw-away layer of an ephemeral run, removed at teardown
+        self.network = network
+
+    def all_rules(self) -> tuple[devices.Rule, ...]:
+        """The device allowlist: the rules, and the nodes from the settings."""
+        return self.rules + tuple(node.rule() for node in self.nodes)
 
 
-def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None) -> Plan:
+def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemeral: bool = False) -> Plan:
     rootfs = paths.image_path(cfg.name)
     if not os.path.isdir(rootfs):
         die(f"Failed to start {cfg.name}: root file system {rootfs} is missing")
     boot = argv is None
     init_argv = [cfg.init] if boot else list(argv or [])
-    from machined import mounts
 
-    mounts.preflight(rootfs)
-    if boot:
-        mounts.check_init(rootfs, cfg.init)
-    rules = devices.DEFAULT + tuple(devices.Rule.parse(r) for r in cfg.devices.allow)
+    def check() -> tuple[str, tuple[devices.Rule, ...], tuple[Node, ...]]:
+        mounts.preflight(rootfs)
+        if boot:
+            mounts.check_init(rootfs, cfg.init)
+        kind = inits.detect(rootfs, cfg.init) if boot else "command"
+        if not cfg.devices.allow:
+            return kind, devices.DEFAULT, ()
+        from machined import passthrough
+
+        return (kind, *passthrough.plan(cfg, rootfs))  # the guest's groups are read from the rootfs
+
+    overlay, layer = None, ""
+    if cfg.base or ephemeral:  # overlay image or throw-away run: checked on the merged tree
+        from machined import images
+
+        overlay, layer = images.runtime_overlay(cfg, ephemeral)
+        init_kind, rules, nodes = images.in_merged_view(cfg, check)
+    else:
+        init_kind, rules, nodes = check()
+    net = None
+    if cfg.network.mode != "none" or cfg.network.pod:
+        from machined import network  # pyroute2 only for machines with a network
+
+        net = network.MachineNetwork(cfg, rootfs)
+        net.check()
+    from machined import config
+
+    limits = cfg.resources if cfg.resources != config.Resources() else None
     if cfg.bind:
         from machined import binds
 
         binds.check(cfg.name, [binds.parse(b) for b in cfg.bind])
     return Plan(name=cfg.name, rootfs=rootfs, machine_id=cfg.id, argv=init_argv, boot=boot,
-                init_kind=inits.detect(rootfs, cfg.init) if boot else "command", read_only=cfg.read_only,
-                rules=rules, kill_timeout=cfg.kill_timeout, config=cfg)
+                init_kind=init_kind, read_only=cfg.read_only, rules=rules, kill_timeout=cfg.kill_timeout,
+                config=cfg, nodes=nodes, limits=limits, hotplug=cfg.devices.hotplug, overlay=overlay,
+                ephemeral=layer, network=net)
 
 
 class Supervisor:
@@ -108,6 +147,7 @@ class Supervisor:
         self.rundir = paths.machine_runtime_dir(plan.name)
         self.cgroup: cgroups.MachineCgroup | None = None
         self.unit = unit  # on a systemd host: the machine's scope and registration
+        self.net: MachineNetwork | None = None
         self.child: spawn.Child | None = None
         self.master = -1
         self.slave = -1
@@ -125,6 +165,7 @@ class Supervisor:
         self.console_tail = b""
         self.final_words = False
         self.console_path = ""
+        self.hotplug: Watcher | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -141,6 +182,8 @@ class Supervisor:
                 self._report_ready()
                 status = self._loop()
                 self.child.close()
+                if self.net is not None:
+                    self.net.end_boot()
                 self._log(f"\r\n[machined: init ended: {_describe(status)}]\r\n".encode())
                 if self._is_reboot(status) and not self.stopping:
                     self._log(f"\r\n[machined: {self.plan.name} reboots]\r\n".encode())
@@ -170,12 +213,23 @@ class Supervisor:
             "rootfs": self.plan.rootfs, "init": self.plan.init_kind, "argv": self.plan.argv, "boot": self.plan.boot,
             "supervisor": state.proc_ref(os.getpid()), "started": time.time(), "state": "starting",
         })
-        if self.unit is not None:
+        if self.plan.ephemeral:
+            self.data["ephemeral"] = self.plan.ephemeral  # recorded before the first boot makes it
+        if self.unit is not None:  # its device policy and limits are the scope's properties
             self.cgroup = self.unit.create(self.data)
         else:
-            self.cgroup = cgroups.create(self.plan.name, self.plan.rules)
+            self.cgroup = cgroups.create(self.plan.name, self.plan.all_rules(), limits=self.plan.limits)
         self.data["cgroup"] = self.cgroup.to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
+        if self.plan.limits is not None:
+            resources.record(self.plan.name, self.plan.limits)
+        if self.plan.rules != devices.DEFAULT or self.plan.nodes:
+            from machined import passthrough
+
+            passthrough.record(self.plan.name, self.plan.rules, self.plan.nodes)
+        if self.plan.network is not None:
+            self.net = self.plan.network
+            self.net.prepare(self.data)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -204,6 +258,26 @@ class Supervisor:
             self.saved_tty = termios.tcgetattr(0)
             tty.setraw(0)
             self.sel.register(0, "stdin")
+        if self.plan.hotplug:
+            self._watch_hotplug()
+
+    def _watch_hotplug(self) -> None:
+        from machined import hotplug
+
+        try:
+            self.hotplug = hotplug.Watcher(self.plan.name, hotplug.parse(self.plan.hotplug), self.data)
+            done = self.hotplug.present()
+        except (OSError, ValueError) as e:
+            die(f"Failed to watch devices for {self.plan.name}: {e}")
+        for msg in done:
+            self._log(f"[machined: {msg}]\r\n".encode())
+        self.sel.register(self.hotplug.fileno(), "uevent")
+
+    def _on_uevent(self) -> None:
+        assert self.hotplug is not None
+        pidfd = self.child.pidfd if self.child is not None and self.child.pidfd >= 0 else None
+        for msg in self.hotplug.handle(pidfd):
+            self._log(f"\r\n[machined: {msg}]\r\n".encode())
 
     def _spec(self) -> spawn.Spec:
         if self.slave >= 0 and self.boots:
@@ -216,12 +290,23 @@ class Supervisor:
             name=self.plan.name, rootfs=self.plan.rootfs, machine_id=self.plan.machine_id, argv=self.plan.argv,
             boot=self.plan.boot, cgroup=self.cgroup, inaccessible=os.path.join(self.rundir, "inaccessible"),
             machine_id_file=os.path.join(self.rundir, "machine-id"), read_only=self.plan.read_only,
-            console=console, bind_machine_id=self.plan.init_kind != "systemd", nesting=bool(cfg and cfg.nesting),
+            console=console, bind_machine_id=self.plan.init_kind != "systemd", overlay=self.plan.overlay,
+            nesting=bool(cfg and cfg.nesting),
         )
         if cfg and cfg.bind:
             from machined import binds  # imported here, in the parent: the child may not import
 
             spec.in_child.append(functools.partial(binds.mount_all, binds=[binds.parse(b) for b in cfg.bind]))
+        if os.path.exists(os.path.join(self.rundir, "devices.json")):
+            from machined import passthrough
+
+            hook = passthrough.node_hook(self.plan.name)  # settings, bind-device and hotplug, at every boot
+            if hook is not None:
+                spec.in_child.append(hook)
+        if self.net is not None:
+            spec.join = self.net.join_namespaces()
+            spec.on_namespaces.append(self.net.attach)
+            spec.in_child.append(self.net.in_child)
         return spec
 
     def _write_state(self) -> None:
@@ -281,6 +366,8 @@ class Supervisor:
                         self._on_client_input()
                     elif what == "stdin":
                         self._on_stdin()
+                    elif what == "uevent":
+                        self._on_uevent()
                 if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                     self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
                     self._signal_leader(signal.SIGKILL)
@@ -304,6 +391,7 @@ class Supervisor:
             self.stopping = True
             self.data["state"] = "stopping"
             state.write(self.plan.name, self.data)
+            resources.thaw_for_stop(self.data)
             if self.plan.boot:
                 self._signal_leader(inits.poweroff_signal(self.plan.init_kind))
             else:
@@ -449,12 +537,15 @@ class Supervisor:
 
     def _teardown(self) -> None:
         if self.child is not None and self.child.pidfd >= 0:
+            resources.thaw_for_stop(self.data)
             self._signal_leader(signal.SIGKILL)
             try:
                 os.waitpid(self.child.pid, 0)
             except ChildProcessError:
                 pass
             self.child.close()
+        if self.net is not None:
+            self.net.end_boot()
         if self.saved_tty is not None:
             import termios
 
@@ -581,6 +672,7 @@ def delegate(plan: Plan) -> systemd.Delegation | None:
 
 def kill_leftovers(data: dict[str, object]) -> None:
     """SIGKILL the machine's init and anything still in its cgroup (teardown step)."""
+    resources.thaw_for_stop(data)
     fd = state.open_process(data.get("leader"))
     if fd is not None:
         try:

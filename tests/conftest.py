@@ -31,6 +31,40 @@ TEST_CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tes
 DEBIAN_MIRROR = os.environ.get("MACHINED_TEST_MIRROR", "http://deb.debian.org/debian")
 
 
+def free_subnet(exclude: tuple[str, ...] = ()) -> str:
+    """A random 10.x.y.0/24 that no route of the host's covers (nor exclude): for bridges and links of tests."""
+    import ipaddress
+    import json
+
+    try:
+        routes = json.loads(subprocess.run(["ip", "-j", "route", "show", "table", "all"], capture_output=True,
+                                           text=True).stdout or "[]")
+    except (OSError, ValueError):
+        routes = []
+    used = [ipaddress.ip_network(e) for e in exclude]
+    for r in routes:
+        dst = r.get("dst", "")
+        if dst and dst != "default" and ":" not in dst:
+            used.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False))
+    while True:
+        net = ipaddress.ip_network(f"10.{100 + os.urandom(1)[0] % 150}.{os.urandom(1)[0]}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+
+
+# Every machine a test boots is on this session's own bridge (machines are bridged by default): its
+# name carries TOKEN, its subnet is random, it is host-only (no NAT: nothing leaves this machine)
+# and it goes away with its last machine.
+SESSION_BRIDGE = f"mb{TOKEN}"
+SESSION_SUBNET = free_subnet()
+
+
+def host_config(bridge: str = SESSION_BRIDGE, subnet: str = SESSION_SUBNET, hosts_file: str = "",
+                extra: str = "") -> str:
+    return (f'[network]\ndefault_bridge = "{bridge}"\nhosts_file = "{hosts_file}"\n\n'
+            f'[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = false\n{extra}')
+
+
 def require_root() -> None:
     """Root tests fail rather than skip under CI=true: a skipped root test there proves nothing."""
     if ROOT:
@@ -73,6 +107,11 @@ class Env:
     @property
     def cache(self) -> Path:
         return self.base / "cache"
+
+    @property
+    def hosts_file(self) -> Path:
+        """The host's hosts file as the manager sees it (a test's own, never /etc/hosts)."""
+        return self.base / "hosts"
 
     def environ(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -147,6 +186,8 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
+    e.config.mkdir(parents=True)
+    (e.config / "machined.conf").write_text(host_config(hosts_file=str(e.hosts_file)))
     try:
         yield e
     finally:
@@ -182,8 +223,11 @@ def _host_snapshot() -> dict[str, object]:
     supervisors = sorted(
         p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "machined-sup" and TOKEN in _cmdline(p)
     )
+    # Loop devices are global: the tests name their backing files with TOKEN.
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    loop_devices = sorted(line.split(":")[0] for line in loops.splitlines() if TOKEN in line)
     return {"mounts": mounts, "cgroups": sorted(cgroups), "links": link_names, "nft": nft_lines,
-            "netns": netns, "supervisors": supervisors}
+            "netns": netns, "supervisors": supervisors, "loops": loop_devices}
 
 
 def _comm(pid: str) -> str:

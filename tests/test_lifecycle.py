@@ -195,3 +195,21 @@ def test_console_attaches(env: Env) -> None:
     proc.wait(5)
     assert b"hello-42" in out
     env.ok("poweroff", name)
+
+
+def test_poweroff_escalates_when_the_guest_ignores_it(env: Env) -> None:
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    stubborn = env.images / name / "sbin/stubborn"
+    stubborn.write_text("#!/bin/sh\ntrap '' PWR TERM INT USR1 USR2 HUP\nwhile :; do sleep 1; done\n")
+    stubborn.chmod(0o755)
+    cfg = env.config / f"{name}.toml"
+    cfg.write_text(cfg.read_text().replace("[machine]\n", "[machine]\ninit = \"/sbin/stubborn\"\nkill_timeout = 1.0\n"))
+    env.ok("start", name)
+    start = time.monotonic()
+    env.ok("poweroff", name)
+    elapsed = time.monotonic() - start
+    assert 0.9 < elapsed < 5, elapsed  # waited for the guest, then killed it
+    assert env.running() == []
+    log = (env.runtime / "logs" / f"{name}.log").read_text()
+    assert "timeout, killing the machine" in log and "killed by SIGKILL" in log

@@ -1,0 +1,108 @@
+"""What bridged networking adds to a start, against systemd-nspawn --network-bridge= (as root).
+
+On one busybox rootfs, alternating, in one run:
+  mctl start NAME (returns once init runs), network none vs bridge:BR (the bridge already up)
+  mctl run NAME -- /bin/true (one-shot),   network none vs bridge:BR
+  systemd-nspawn -q -D R --register=no --keep-unit --private-network /bin/true
+        vs the same with --network-bridge=BR (same bridge)
+Prints medians, the time networking adds to each (bridged minus private network) and the ratios of
+those additions, mctl/nspawn. mctl is a regular (non-editable) install of this checkout in a
+private venv unless --mctl names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_start import clean_nspawn_leftovers, private_install
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--mctl", type=Path, default=None)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_network: run as root", file=sys.stderr)
+        return 1
+    mctl = str(a.mctl or private_install(deps=True))
+    work = Path(tempfile.mkdtemp(prefix="machined-bench-"))
+    bridge = f"mbbench{os.getpid() % 10000}"
+    env = dict(os.environ, MACHINED_IMAGE_DIR=str(work / "images"), MACHINED_CONFIG_DIR=str(work / "config"),
+               MACHINED_RUNTIME_DIR=str(work / "run"), MACHINED_CACHE_DIR=str(work / "cache"))
+    env.pop("PYTHONPATH", None)
+    (work / "config").mkdir(parents=True)
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}.0/24"
+    (work / "config" / "machined.conf").write_text(
+        f'[network]\ndefault_bridge = "{bridge}"\nhosts_file = ""\n\n'
+        f'[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = true\n')
+    name = "benchnet"
+    try:
+        subprocess.run([mctl, "create", name, "--template", "busybox"], env=env, check=True)
+        nsroot = work / "nsroot"
+        subprocess.run(["cp", "-a", str(work / "images" / name), str(nsroot)], check=True)
+        nspawn = ["systemd-nspawn", "-q", "-D", str(nsroot), "--register=no", "--keep-unit"]
+        cases: dict[str, Callable[[], float]] = {
+            "mctl start, none": lambda: timed([mctl, "start", name, "--network", "none"], env),
+            "mctl start, bridge": lambda: timed([mctl, "start", name, "--network", f"bridge:{bridge}"], env),
+            "mctl run, none": lambda: timed([mctl, "run", name, "--", "/bin/true"], env),
+            "mctl run, bridge": lambda: timed([mctl, "run", name, "--", "/bin/true"], env),
+            "nspawn, private network": lambda: timed([*nspawn, "--private-network", "/bin/true"]),
+            "nspawn, bridge": lambda: timed([*nspawn, f"--network-bridge={bridge}", "/bin/true"]),
+        }
+        results: dict[str, list[float]] = {k: [] for k in cases}
+        for i in range(a.runs + 2):
+            for key, run in cases.items():
+                if key.startswith("mctl run"):
+                    mode = "none" if key.endswith("none") else f"bridge:{bridge}"
+                    cfg = work / "config" / f"{name}.toml"
+                    text = cfg.read_text().split("[network]")[0].rstrip("\n")
+                    cfg.write_text(text + f'\n\n[network]\nmode = "{mode}"\n')
+                t = run()
+                if key.startswith("mctl start"):
+                    subprocess.run([mctl, "terminate", name], env=env, check=True)
+                clean_nspawn_leftovers()
+                if i >= 2:  # warm-up (the first bridged start makes the bridge)
+                    results[key].append(t)
+        med = {k: statistics.median(v) * 1000 for k, v in results.items()}
+        for k, v in med.items():
+            print(f"{k:26} {v:7.1f} ms (median of {a.runs})")
+        added = {"mctl start": med["mctl start, bridge"] - med["mctl start, none"],
+                 "mctl run": med["mctl run, bridge"] - med["mctl run, none"],
+                 "nspawn": med["nspawn, bridge"] - med["nspawn, private network"]}
+        for k, v in added.items():
+            print(f"bridged networking adds to {k:11} {v:6.1f} ms")
+        if added["nspawn"] >= 1.0:
+            print(f"ratio of the additions, mctl start/nspawn: {added['mctl start'] / added['nspawn']:.1f}; "
+                  f"mctl run/nspawn: {added['mctl run'] / added['nspawn']:.1f}")
+        else:
+            print("ratio of the additions: none meaningful, nspawn's addition is below 1 ms (within noise)")
+        print(f"ratio of bridged totals, mctl run/nspawn: {med['mctl run, bridge'] / med['nspawn, bridge']:.2f}; "
+              f"mctl start/nspawn: {med['mctl start, bridge'] / med['nspawn, bridge']:.2f}")
+    finally:
+        subprocess.run([mctl, "terminate", name], env=env, capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "inet", f"machined-{bridge}"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+        clean_nspawn_leftovers()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
