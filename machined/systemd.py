@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterable
     from typing import Any
 
+    from machined.config import Resources
     from machined.devices import Rule
     from machined.supervisor import Plan
 
@@ -74,49 +75,46 @@ def service_unit(name: str) -> str:
     return f"machined@{escape(name)}.service"
 
 
-def device_allow(rules: Iterable[Rule]) -> list[list[str]]:
-    """DeviceAllow= entries for an allowlist: /dev/char/MAJ:MIN (systemd parses these without a
-    device node), char-NAME for a whole major by its /proc/devices name, char-* for any."""
-    result = []
-    for rule in rules:
-        for kind in ("c", "b") if rule.kind == "a" else (rule.kind,):
-            group = "char" if kind == "c" else "block"
-            if rule.major is None and rule.minor is None:
-                spec = f"{group}-*"
-            elif rule.major is None:
-                fail(f"allow devices {rule}", "systemd's DeviceAllow= cannot name a minor of any major")
-            elif rule.minor is None:
-                spec = f"{group}-{_major_name(group, rule.major, rule)}"
-            else:
-                spec = f"/dev/{group}/{rule.major}:{rule.minor}"
-            result.append([spec, rule.access])
-    return result
+UNSET = (1 << 64) - 1  # systemd's "infinity" / "not set" for the integer properties below
 
 
-def _major_name(group: str, major: int, rule: Rule) -> str:
-    section = "Character devices:" if group == "char" else "Block devices:"
-    current = ""
-    with open("/proc/devices") as f:
-        for line in f:
-            fields = line.split()
-            if line.strip().endswith(":"):
-                current = line.strip()
-            elif current == section and len(fields) == 2 and fields[0] == str(major):
-                return fields[1]
-    fail(f"allow devices {rule}", f"major {major} is not in /proc/devices, so systemd's DeviceAllow= cannot name it")
+def limit_properties(res: Resources, keys: Iterable[str] | None = None) -> list[tuple[str, str, Any]]:
+    """[resources] as unit properties (name, D-Bus signature, value): those set, or all of keys
+    (a key without a value lifts its limit)."""
+    from machined import resources
+
+    props: list[tuple[str, str, Any]] = []
+    for key in keys if keys is not None else [k for k in resources.KEYS if getattr(res, k) is not None]:
+        value = getattr(res, key)
+        if key == "cpu_quota":
+            props.append(("CPUQuotaPerSecUSec", "t", UNSET if value is None else
+                          int(resources.parse_quota(value) * 10000)))
+        elif key == "cpuset_cpus":
+            mask = bytearray()
+            for cpu in resources.parse_cpus(value) if value else []:
+                mask.extend(b"\0" * (cpu // 8 + 1 - len(mask)))
+                mask[cpu // 8] |= 1 << cpu % 8
+            props.append(("AllowedCPUs", "ay", list(mask)))  # a list: it crosses to the agent as JSON
+        else:
+            props.append((PROPERTY_NAMES[key], "t", UNSET if value is None else value))
+    return props
+
+
+PROPERTY_NAMES = {"memory_max": "MemoryMax", "memory_high": "MemoryHigh", "memory_swap_max": "MemorySwapMax",
+                  "cpu_weight": "CPUWeight", "tasks_max": "TasksMax", "io_weight": "IOWeight"}
+
+
+def device_properties(rules: Iterable[Rule]) -> list[tuple[str, str, Any]]:
+    from machined import devices
+
+    return [("DevicePolicy", "s", "closed"), ("DeviceAllow", "a(ss)", devices.device_allow(rules))]
 
 
 def unit_properties(plan: Plan) -> list[tuple[str, str, Any]]:
-    """The machine's device policy and limits as unit properties (name, D-Bus signature, value)."""
-    props: list[tuple[str, str, Any]] = [("DevicePolicy", "s", "closed"),
-                                         ("DeviceAllow", "a(ss)", device_allow(plan.rules))]
-    res = plan.config.resources if plan.config else None
-    if res is not None:
-        for key, sig, value in (("MemoryMax", "t", res.memory_max), ("TasksMax", "t", res.tasks_max),
-                                ("CPUWeight", "t", res.cpu_weight),
-                                ("CPUQuotaPerSecUSec", "t", None if res.cpu_quota is None else res.cpu_quota * 10000)):
-            if value is not None:
-                props.append((key, sig, value))
+    """The machine's device policy and limits as unit properties."""
+    props = device_properties(plan.all_rules())
+    if plan.limits is not None:
+        props += limit_properties(plan.limits)
     return props
 
 
@@ -188,7 +186,7 @@ class Bus:
         return self.call((target[0], path, PROPERTIES), "Get", "ss", [interface, prop])[0].value
 
     def variants(self, props: Iterable[tuple[str, str, Any]]) -> list[list[Any]]:
-        return [[key, self._dbus.Variant(sig, value)] for key, sig, value in props]
+        return [[key, self._dbus.Variant(sig, bytes(value) if sig == "ay" else value)] for key, sig, value in props]
 
     def _on_message(self, msg: Any) -> None:
         if msg.member == "JobRemoved" and msg.interface == SYSTEMD[2] and len(msg.body) == 4:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tests.conftest import DEBIAN_MIRROR, DEBIAN_PACKAGES, REPO, TOKEN, Env, build_debian, cached_tree, copy_tree
 
-HOST_EXTRA = ("systemd-container", "python3", "busybox-static")
+# libnftables1: the machines inside are bridged, as by default (NAT and forwards through libnftables).
+HOST_EXTRA = ("systemd-container", "python3", "busybox-static", "libnftables1")
 SRC = "/opt/machined"          # this checkout, read-only
 DEPS = "/opt/machined-deps"    # its Python dependencies, read-only
 DEBIAN = "/srv/debian"         # the pristine Debian rootfs guests are copied from, read-only
@@ -122,6 +123,8 @@ def prepare(env: Env) -> Host:
     (env.config / f"{name}.toml").write_text(
         f'[machine]\nid = "{os.urandom(16).hex()}"\nnesting = true\nkill_timeout = 20\n'
         f"bind = {json.dumps(binds)}\n"
+        # Loopback only: no bridge of a fixed name on this machine; the machines inside get theirs.
+        '[network]\nmode = "none"\n'
         # One device beyond the default list, for guests inside to be allowed (a v1 child cgroup can
         # allow no more than its parent).
         '[devices]\nallow = ["c 10:232 rwm"]\n')

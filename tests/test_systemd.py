@@ -189,7 +189,7 @@ def test_debian_guest_registered_shell_and_poweroff(host: Host, inner: Inner) ->
 
 def test_scope_properties_and_memory_limit(host: Host, inner: Inner) -> None:
     name = inner.busybox("mem", '[resources]\nmemory_max = "64M"\ntasks_max = 64\ncpu_weight = 50\n'
-                                'cpu_quota = 150\n[devices]\nallow = ["c 10:232 rwm"]')
+                                'cpu_quota = "150%"\n[devices]\nallow = ["c 10:232 rwm"]')
     host.ok("start", name)
     scope = f"machine-{name}.scope"
     shown = unit_show(host, scope, "Delegate", "DeviceAllow", "DevicePolicy", "MemoryMax", "TasksMax", "CPUWeight",

@@ -27,30 +27,23 @@ def test_unit_names() -> None:
     assert systemd.service_unit("a-b") == "machined@a\\x2db.service"
 
 
-def test_device_allow_for_the_default_list() -> None:
-    allow = systemd.device_allow(devices.DEFAULT)
-    assert ["/dev/char/1:3", "rwm"] in allow and ["/dev/char/10:200", "rwm"] in allow
-    assert ["char-pts", "rwm"] in allow  # c 136:* by its /proc/devices name
-    assert ["char-*", "m"] in allow and ["block-*", "m"] in allow
-    assert len(allow) == len(devices.DEFAULT)
-    assert systemd.device_allow([devices.Rule.parse("a *:* r")]) == [["char-*", "r"], ["block-*", "r"]]
-
-
-@pytest.mark.parametrize(("rule", "why"), [("c *:5 r", "minor of any major"), ("c 4095:* rw", "not in /proc/devices")])
-def test_device_allow_refuses_what_systemd_cannot_name(rule: str, why: str) -> None:
-    with pytest.raises(MachinedError, match=why):
-        systemd.device_allow([devices.Rule.parse(rule)])
-
-
-def test_unit_properties_carry_the_limits() -> None:
+def test_unit_properties_carry_devices_and_limits() -> None:
     cfg = config.from_dict("m", {"machine": {"id": "0" * 32}, "resources": {
-        "memory_max": "64M", "tasks_max": 10, "cpu_weight": 20, "cpu_quota": 50}}, "test")
+        "memory_max": "64M", "memory_high": "48M", "tasks_max": 10, "cpu_weight": 20, "cpu_quota": "50%",
+        "cpuset_cpus": "0,9", "io_weight": 300}}, "test")
     plan = Plan(name="m", rootfs="/x", machine_id=cfg.id, argv=["/sbin/init"], boot=True, init_kind="busybox",
-                config=cfg)
+                config=cfg, limits=cfg.resources, rules=(*devices.DEFAULT, devices.Rule.parse("c 10:232 rw")))
     props = {k: (sig, v) for k, sig, v in systemd.unit_properties(plan)}
-    assert props["MemoryMax"] == ("t", 64 << 20) and props["TasksMax"] == ("t", 10)
-    assert props["CPUWeight"] == ("t", 20) and props["CPUQuotaPerSecUSec"] == ("t", 500000)
-    assert props["DevicePolicy"] == ("s", "closed") and props["DeviceAllow"][0] == "a(ss)"
+    assert props["MemoryMax"] == ("t", 64 << 20) and props["MemoryHigh"] == ("t", 48 << 20)
+    assert props["TasksMax"] == ("t", 10) and props["CPUWeight"] == ("t", 20) and props["IOWeight"] == ("t", 300)
+    assert props["CPUQuotaPerSecUSec"] == ("t", 500000)
+    assert props["AllowedCPUs"] == ("ay", [0b1, 0b10])  # CPUs 0 and 9
+    assert props["DevicePolicy"] == ("s", "closed")
+    allow = props["DeviceAllow"][1]
+    assert ("/dev/char/10:232", "rw") in allow and ("char-pts", "rwm") in allow and ("char-*", "m") in allow
+    # Lifting limits at runtime: every key named, the unset ones as systemd's infinity.
+    lifted = {k: v for k, _, v in systemd.limit_properties(config.Resources(), ("memory_max", "cpu_quota"))}
+    assert lifted == {"MemoryMax": systemd.UNSET, "CPUQuotaPerSecUSec": systemd.UNSET}
 
 
 def test_forced_cgroupfs_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,8 +60,6 @@ def test_unit_file() -> None:
 
 
 @pytest.mark.parametrize(("section", "values", "why"), [
-    ("resources", {"cpu_weight": 0}, "cpu_weight"),
-    ("resources", {"cpu_quota": 0}, "cpu_quota"),
     ("machine", {"bind": ["x"]}, "absolute"),
     ("machine", {"bind": "/a:/b"}, "list of strings"),
     ("machine", {"nesting": "yes"}, "true or false"),
