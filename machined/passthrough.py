@@ -153,8 +153,13 @@ def _apply(data: dict[str, object], dl: DeviceList, added: Rule | None, removed:
     if not isinstance(cg_state, dict):
         return
     cg = cgroups.MachineCgroup.from_state(cg_state)
+    if cg.delegated:  # a systemd scope: systemd's DeviceAllow= (on v1, below too: see the end)
+        from machined import systemd
+
+        systemd.set_properties(data, systemd.device_properties(dl.effective()))
     if cg.layout == "unified":
-        devices.apply_v2(cg.main_dir(), dl.effective())
+        if not cg.delegated:
+            devices.apply_v2(cg.main_dir(), dl.effective())
         return
     d = cg.dir_for("devices")
     if d is None:

@@ -401,7 +401,10 @@ def set_limits(name: str, assignments: list[str], runtime_only: bool) -> None:
     except ValueError as e:
         die(f"Invalid limit: {e}")
     if data is not None:
-        apply(_machine_cgroup(data), live, tuple(changes))
+        from machined import systemd
+
+        if not systemd.set_properties(data, systemd.limit_properties(live, tuple(changes))):
+            apply(_machine_cgroup(data), live, tuple(changes))
         record(name, live)
     elif runtime_only:
         die(f"Machine {name} is not running", hint="without --runtime the limits are kept for its next start")

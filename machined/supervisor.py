@@ -171,6 +171,7 @@ class Supervisor:
 
     def run(self) -> int:
         code = 1
+        error = ""
         try:
             self._prepare()
             while True:
@@ -194,14 +195,18 @@ class Supervisor:
                     else _exit_code(status)
                 break
         except MachinedError as e:
-            self._report_error(str(e))
+            error = str(e)
         except Exception as e:  # noqa: BLE001 - never die without tearing down and saying why
             import traceback
 
             self._log(traceback.format_exc().replace("\n", "\r\n").encode())
-            self._report_error(f"Failed to run {self.plan.name}: {e!r}")
+            error = f"Failed to run {self.plan.name}: {e!r}"
         finally:
+            if error:
+                self._log(f"\r\n[machined: {error}]\r\n".encode())
             self._teardown()
+        if error:
+            self._report_error(error)  # once torn down: a start that failed has left nothing when mctl says so
         return code
 
     def _prepare(self) -> None:
@@ -329,12 +334,14 @@ class Supervisor:
 
     def _report_error(self, message: str) -> None:
         if self.ready_fd is not None:
-            os.write(self.ready_fd, b"ER" + message.encode())
+            try:
+                os.write(self.ready_fd, b"ER" + message.encode())
+            except OSError:
+                pass  # mctl is gone (killed while it waited)
             os.close(self.ready_fd)
             self.ready_fd = None
         else:
             print(f"mctl: {message}", file=sys.stderr)
-        self._log(f"\r\n[machined: {message}]\r\n".encode())
 
     def _is_reboot(self, status: int) -> bool:
         # reboot(2) by a pid namespace's init ends it with SIGHUP (restart) or SIGINT (power off, halt).

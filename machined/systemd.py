@@ -105,9 +105,11 @@ PROPERTY_NAMES = {"memory_max": "MemoryMax", "memory_high": "MemoryHigh", "memor
 
 
 def device_properties(rules: Iterable[Rule]) -> list[tuple[str, str, Any]]:
+    """The allowlist as DeviceAllow= (the empty list first resets what an earlier change set)."""
     from machined import devices
 
-    return [("DevicePolicy", "s", "closed"), ("DeviceAllow", "a(ss)", devices.device_allow(rules))]
+    return [("DevicePolicy", "s", "closed"), ("DeviceAllow", "a(ss)", []),
+            ("DeviceAllow", "a(ss)", devices.device_allow(rules))]
 
 
 def unit_properties(plan: Plan) -> list[tuple[str, str, Any]]:
@@ -493,6 +495,22 @@ class Delegation:
             self.agent.close()
         finally:
             data.pop("systemd", None)
+
+
+def set_properties(data: dict[str, object], props: list[tuple[str, str, Any]]) -> bool:
+    """Change a running machine's scope at runtime (set-limit, bind-device); False if it has none."""
+    info = data.get("systemd")
+    if not isinstance(info, dict) or not info.get("unit"):
+        return False
+    unit = str(info["unit"])
+    bus = Bus()
+    try:
+        bus.call(SYSTEMD, "SetUnitProperties", "sba(sv)", [unit, True, bus.variants(props)])
+    except CallError as e:
+        fail(f"set {', '.join(sorted({k for k, _, _ in props}))} of {unit}", _reason(e))
+    finally:
+        bus.close()
+    return True
 
 
 def _adopt(name: str, unit: str, agent_pid: int, where: dict[str, Any]) -> cgroups.MachineCgroup:

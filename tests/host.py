@@ -127,7 +127,7 @@ def prepare(env: Env) -> Host:
         '[network]\nmode = "none"\n'
         # One device beyond the default list, for guests inside to be allowed (a v1 child cgroup can
         # allow no more than its parent).
-        '[devices]\nallow = ["c 10:232 rwm"]\n')
+        '[devices]\nallow = ["c 10:232 rwm", "c 1:11 r"]\n')
     return Host(env, name)
 
 

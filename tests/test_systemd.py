@@ -189,7 +189,7 @@ def test_debian_guest_registered_shell_and_poweroff(host: Host, inner: Inner) ->
 
 def test_scope_properties_and_memory_limit(host: Host, inner: Inner) -> None:
     name = inner.busybox("mem", '[resources]\nmemory_max = "64M"\ntasks_max = 64\ncpu_weight = 50\n'
-                                'cpu_quota = "150%"\n[devices]\nallow = ["c 10:232 rwm"]')
+                                'cpu_quota = "150%"\n[devices]\nallow = ["c 1:11 r"]')
     host.ok("start", name)
     scope = f"machine-{name}.scope"
     shown = unit_show(host, scope, "Delegate", "DeviceAllow", "DevicePolicy", "MemoryMax", "TasksMax", "CPUWeight",
@@ -198,18 +198,31 @@ def test_scope_properties_and_memory_limit(host: Host, inner: Inner) -> None:
     assert shown["MemoryMax"] == [str(64 << 20)] and shown["TasksMax"] == ["64"] and shown["CPUWeight"] == ["50"]
     assert shown["CPUQuotaPerSecUSec"] == ["1.500000s"] and shown["CollectMode"] == ["inactive-or-failed"]
     allowed = set(shown["DeviceAllow"])
-    for entry in ("/dev/char/1:3 rwm", "/dev/char/10:232 rwm", "char-pts rwm", "char-* m", "block-* m"):
+    for entry in ("/dev/char/1:3 rwm", "/dev/char/1:11 r", "char-pts rwm", "char-* m", "block-* m"):
         assert entry in allowed, (entry, allowed)
     # systemd wrote them into the scope's cgroups (v1 controllers, writable in the nested host).
     memdir = f"/sys/fs/cgroup/memory/machine.slice/{scope}"
     assert host.sh(f"cat {memdir}/memory.limit_in_bytes").strip() == str(64 << 20)
-    assert "c 10:232 rwm" in host.sh(f"cat /sys/fs/cgroup/devices/machine.slice/{scope}/devices.list")
+    assert "c 1:11 r" in host.sh(f"cat /sys/fs/cgroup/devices/machine.slice/{scope}/devices.list")
     # A memory hog inside is killed inside the machine; the machine and the host go on.
     r = host.mctl("shell", name, "--", "sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\000' a); echo ${#x}")
     assert r.returncode == 137 and "200000000" not in r.stdout, (r.returncode, r.stdout, r.stderr)
     assert re.search(r"oom_kill [1-9]", host.sh(f"cat {memdir}/payload/memory.oom_control"))
     assert host.ok("shell", name, "--", "cat", "/proc/1/comm").strip() == "init"
     assert host.run("systemctl", "is-system-running").stdout.strip() == "running"
+    # At runtime, limits and devices change through systemd too (SetUnitProperties).
+    host.ok("set-limit", name, "--runtime", "memory_max=32M", "tasks_max=max")
+    shown = unit_show(host, scope, "MemoryMax", "TasksMax")
+    assert shown == {"MemoryMax": [str(32 << 20)], "TasksMax": ["infinity"]}
+    assert host.sh(f"cat {memdir}/memory.limit_in_bytes").strip() == str(32 << 20)
+    host.sh("test -e /dev/kvm || mknod /dev/kvm c 10 232")  # the host's device, in the host machine's /dev
+    host.ok("bind-device", name, "/dev/kvm", "--access", "rw")
+    assert "/dev/char/10:232 rw" in unit_show(host, scope, "DeviceAllow")["DeviceAllow"]
+    host.ok("shell", name, "--", "head", "-c0", "/dev/kvm")  # opens: allowed below the scope too
+    host.ok("unbind-device", name, "/dev/kvm")
+    assert "/dev/char/10:232 rw" not in unit_show(host, scope, "DeviceAllow")["DeviceAllow"]
+    r = host.mctl("shell", name, "--", "sh", "-c", "mknod /root/k c 10 232; head -c0 /root/k")
+    assert r.returncode != 0 and "not permitted" in r.stderr, r.stderr
     host.ok("poweroff", name)
     assert_nothing_left(host, name)
 
