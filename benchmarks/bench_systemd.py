@@ -7,6 +7,7 @@ The host (tests/host.py) is booted once; inside it, on the same cached rootfs, a
           (the cgroupfs path): the difference is what delegation and registration add.
   boot:   a Debian bookworm booted to `systemctl is-system-running` = running: `mctl start` (registered)
           against `systemd-nspawn -b` (which registers too), and mctl on the cgroupfs path.
+Machines of both have a loopback-only network (mctl: network none, nspawn: --private-network).
   registered: from launch until systemd-machined announces the machine (MachineNew on the bus), mctl
           against systemd-nspawn -b, on the Debian rootfs.
 
@@ -88,9 +89,12 @@ class Announcements:
 
 res = {"start_systemd": [], "start_cgroupfs": [], "boot_mctl": [], "boot_mctl_cgroupfs": [], "boot_nspawn": [],
        "reg_mctl": [], "reg_nspawn": []}
-run("mctl", "create", "benchbb", "--template", "busybox", "--set", "console_login=no")
+# Loopback-only networks on both sides (mctl: network none; nspawn: --private-network).
+run("mctl", "create", "benchbb", "--template", "busybox", "--set", "console_login=no", "--network", "none")
 for name in ("benchdeb", "benchnsp"):
     run("cp", "-a", "DEBIAN", f"/var/lib/machines/{name}")
+with open("/etc/machined/benchdeb.toml", "w") as f:
+    f.write('[machine]\nid = "%s"\n[network]\nmode = "none"\n' % os.urandom(16).hex())
 ann = Announcements()
 for i in range(RUNS + 2):
     s = timed("mctl", "start", "benchbb")
@@ -114,7 +118,8 @@ for i in range(BOOTS + 1):
     mc = time.perf_counter() - t
     run("mctl", "poweroff", "benchdeb", env=env_cgroupfs)
     t = time.perf_counter()
-    p = subprocess.Popen(["systemd-nspawn", "-q", "-b", "-D", "/var/lib/machines/benchnsp", "-M", "benchnsp"],
+    p = subprocess.Popen(["systemd-nspawn", "-q", "-b", "--private-network", "-D", "/var/lib/machines/benchnsp",
+                          "-M", "benchnsp"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     nreg = ann.wait("benchnsp") - t
     wait_running(leader("benchnsp"))

@@ -266,12 +266,6 @@ class Agent:
         rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            for fd in os.listdir("/proc/self/fd"):  # nothing of mctl's: no lock, no pipe of its caller
-                if int(fd) not in (req_r, rep_w):
-                    try:
-                        os.close(int(fd))
-                    except OSError:
-                        pass
             code = 1
             try:
                 _serve(req_r, rep_w)
@@ -352,10 +346,27 @@ def _agent() -> Agent:
 
 def _serve(req_fd: int, rep_fd: int) -> None:
     """The agent's life: connect, then answer the supervisor until it closes us or goes away."""
+    inherited = []
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            os.fstat(fd)  # not the one listdir used: closed by now, its number free for the bus
+        except OSError:
+            continue
+        if fd not in (req_fd, rep_fd):
+            inherited.append(fd)
+    bus: Bus | None = None
+    failure = ""
+    try:
+        bus = Bus()  # first: this is what the supervisor waits for
+    except MachinedError as e:
+        failure = str(e)
     import json
 
-    from machined import linux
-
+    for fd in inherited:  # nothing of mctl's: no lock, no pipe of its caller
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     os.setsid()
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
@@ -365,13 +376,8 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         os.close(null)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)  # stopping the scope signals us too: we go when the supervisor says
-    linux.set_process_name("machined-bus")
-    bus: Bus | None = None
-    failure = ""
-    try:
-        bus = Bus()
-    except MachinedError as e:
-        failure = str(e)
+    with open("/proc/self/comm", "w") as f:
+        f.write("machined-bus")
     unit = registered = ""
     pending = b""
     op = ""
