@@ -153,7 +153,9 @@ def _apply(data: dict[str, object], dl: DeviceList, added: Rule | None, removed:
     if not isinstance(cg_state, dict):
         return
     cg = cgroups.MachineCgroup.from_state(cg_state)
-    if cg.delegated:  # a systemd scope: systemd's DeviceAllow= (on v1, below too: see the end)
+    # A systemd scope: its DeviceAllow= (on v2, systemd's device program covers the subtree; on v1
+    # the writes below still reach the cgroups under the scope, which systemd's do not).
+    if cg.delegated:
         from machined import systemd
 
         systemd.set_properties(data, systemd.device_properties(dl.effective()))

@@ -1,20 +1,20 @@
 """systemd integration over the system bus (dbus-fast, asyncio), as systemd-nspawn does it.
 
-Where PID 1 is systemd (/run/systemd/system exists; MACHINED_SYSTEMD=no forces the cgroupfs path),
-the supervisor of a machine:
-  - moves itself into machine-NAME.scope, a transient scope in machine.slice made with
-    StartTransientUnit (Delegate=yes, DevicePolicy=closed + DeviceAllow=, the machine's limits);
-    also when machined@NAME.service runs it, whose main process it stays;
-  - keeps itself in the scope's 'supervisor' sub-cgroup and the machine in 'payload', the root of the
-    machine's cgroup namespace (a delegated cgroup must not have processes of its own where it has
+Where PID 1 is systemd (/run/systemd/system exists; MACHINED_SYSTEMD=no forces the cgroupfs path):
+  - a machine's cgroup is machine-NAME.scope, a transient scope in machine.slice made with
+    StartTransientUnit (Delegate=yes, DevicePolicy=closed + DeviceAllow=, the machine's limits),
+    also when machined@NAME.service runs the supervisor (which stays that service's main process);
+  - the supervisor sits in the scope's 'supervisor' sub-cgroup and the machine in 'payload', the
+    root of its cgroup namespace (a delegated cgroup has no processes of its own where it has
     children);
-  - registers the machine with systemd-machined once its init runs (RegisterMachineWithNetwork),
+  - the machine is registered with systemd-machined once its init runs (RegisterMachineWithNetwork),
     and again with the new init after a reboot, so machinectl, systemd-cgls and journalctl -M see it;
-  - unregisters it and lets go of the scope (AbandonScope, UnrefUnit) when the machine ends.
-A supervisor killed with SIGKILL leaves a scope that empties with it (the machine dies with its
-supervisor) and a registration that machined drops with the scope; the next mctl call (TEARDOWN
-step "systemd") kills whatever is left in the scope, unregisters the machine if it is still ours
-and waits until the unit is gone, so the name is free for the next start.
+  - when it ends it is unregistered and the scope let go of (AbandonScope, UnrefUnit).
+The D-Bus work is done by an agent process (see Agent) that lives in the scope with the supervisor.
+If the supervisor is killed with SIGKILL the machine dies with it, the agent unregisters it and
+goes, and the scope, empty, goes too; the next mctl call (TEARDOWN step "systemd") still kills
+whatever is left in the scope, unregisters the machine if it is still ours and waits until the unit
+is gone, so that the name is free for the next start.
 
 dbus_fast, and asyncio with it, is imported on this path only.
 """
@@ -446,14 +446,14 @@ class Delegation:
 
     Made by mctl before it forks the supervisor: the agent starts creating the scope (with itself in
     it) at once; the supervisor then joins the scope. Recorded in the state as "systemd":
-    {unit, owned (the scope is ours to remove), registered, id}.
+    {unit, registered, id}.
     """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.name = plan.name
         self.unit = scope_unit(self.name)
-        self.info: dict[str, object] = {"unit": self.unit, "owned": True, "registered": False, "id": plan.machine_id}
+        self.info: dict[str, object] = {"unit": self.unit, "registered": False, "id": plan.machine_id}
         self.agent = _agent()
         props = [
             ("Description", "s", f"Machine {self.name}"), ("Slice", "s", "machine.slice"),
@@ -568,7 +568,7 @@ def teardown(data: dict[str, object]) -> None:
     try:
         if info.get("registered"):
             _unregister_if_ours(bus, name, str(info.get("id")))
-        if info.get("owned") and unit:
+        if unit:
             for member, sig, body in (("AbandonScope", "s", [unit]), ("KillUnit", "ssi", [unit, "all", signal.SIGKILL]),
                                       ("UnrefUnit", "s", [unit])):
                 try:
