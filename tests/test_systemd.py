@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import TOKEN, Env, require_root
 from tests.host import DEBIAN, Host, boot
+from tests.test_teardown import _wait
 
 pytestmark = pytest.mark.slow
 
@@ -92,15 +92,6 @@ def unit_show(host: Host, unit: str, *props: str) -> dict[str, list[str]]:
     return result
 
 
-def wait_until(cond: object, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def gone(host: Host, name: str, machined: bool = True) -> bool:
     """Neither mctl nor systemd (nor machined, unless it is not there to ask) knows the machine any more."""
     return (name not in host.running() and not (machined and name in machinectl_list(host))
@@ -146,16 +137,16 @@ def test_busybox_registered_and_machinectl_acts(host: Host, inner: Inner) -> Non
     assert leader != ours["Leader"] and int(machinectl_show(host, name)["Leader"]) == leader
 
     host.run("machinectl", "terminate", name, check=True)
-    assert wait_until(lambda: gone(host, name)), host.running()
+    assert _wait(lambda: gone(host, name), 30), host.running()
     assert_nothing_left(host, name)
 
     host.ok("start", name)
     host.run("machinectl", "kill", name, check=True)  # SIGTERM to every process: the machine stops
-    assert wait_until(lambda: gone(host, name)), host.running()
+    assert _wait(lambda: gone(host, name), 30), host.running()
 
     host.ok("start", name)
     host.run("machinectl", "kill", "--kill-whom=leader", "--signal=SIGKILL", name, check=True)
-    assert wait_until(lambda: gone(host, name)), host.running()
+    assert _wait(lambda: gone(host, name), 30), host.running()
     assert_nothing_left(host, name)
 
 
@@ -163,8 +154,8 @@ def test_debian_guest_registered_shell_and_poweroff(host: Host, inner: Inner) ->
     name = inner.debian()
     host.ok("start", name)
     # Its init runs when start returns; its bus only a moment later.
-    assert wait_until(lambda: host.mctl("shell", name, "--", "systemctl", "is-system-running", "--wait")
-                      .stdout.strip() == "running", 120)
+    assert _wait(lambda: host.mctl("shell", name, "--", "systemctl", "is-system-running", "--wait")
+                 .stdout.strip() == "running", 120)
     listed = machinectl_list(host)
     assert listed[name][1:5] == ["container", "machined", "debian", "12"], listed
     status = host.run("machinectl", "status", name, "--no-pager", check=True).stdout
@@ -178,11 +169,11 @@ def test_debian_guest_registered_shell_and_poweroff(host: Host, inner: Inner) ->
     assert f"shell-42 in {name}" in r.stdout, r.stdout + r.stderr
     assert "Startup finished" in host.run("journalctl", "-M", name, "--no-pager", "-b", check=True).stdout
     host.run("machinectl", "reboot", name, check=True)  # SIGINT to the leader: a new init, registered again
-    assert wait_until(lambda: host.mctl("show", name, "-p", "Boots", "--value").stdout.strip() == "2", 60)
+    assert _wait(lambda: host.mctl("show", name, "-p", "Boots", "--value").stdout.strip() == "2", 60)
     leader2 = json.loads(host.ok("show", name, "-o", "json"))["Leader"]
-    assert leader2 != leader and wait_until(lambda: int(machinectl_show(host, name)["Leader"]) == leader2, 10)
+    assert leader2 != leader and _wait(lambda: int(machinectl_show(host, name)["Leader"]) == leader2, 10)
     host.run("machinectl", "poweroff", name, check=True)  # SIGRTMIN+4 to the leader, straight from machined
-    assert wait_until(lambda: gone(host, name), 60), host.running()
+    assert _wait(lambda: gone(host, name), 60), host.running()
     assert_nothing_left(host, name)
     assert "Powering off." in host.sh(f"cat /run/machined/logs/{name}.log")
 
@@ -232,7 +223,7 @@ def test_killed_supervisor_or_mctl_never_blocks_the_next_start(host: Host, inner
     host.ok("start", name)
     host.sh(f"kill -9 {json.loads(host.ok('show', name, '-o', 'json'))['Supervisor']}")
     # Its D-Bus helper sees it go and unregisters the machine; the scope empties and goes.
-    assert wait_until(lambda: name not in machinectl_list(host) and not host.sh(
+    assert _wait(lambda: name not in machinectl_list(host) and not host.sh(
         f"systemctl list-units --all --no-legend 'machine-{name}.scope'").strip(), 10)
     host.ok("list")  # and the next mctl call removes the state it left
     assert_nothing_left(host, name)
@@ -250,11 +241,11 @@ def test_killed_supervisor_or_mctl_never_blocks_the_next_start(host: Host, inner
     for delay in ("0.01", "0.05", "0.1", "0.2", "0.4"):
         host.sh(f"mctl start {name} & pid=$!; sleep {delay}; kill -9 $pid; wait $pid", check=False)
         # Its supervisor, if it got that far, runs the machine or tears it down (it lost its caller).
-        assert wait_until(lambda: host.mctl("terminate", name).returncode != 0 and gone(host, name), 30)
+        assert _wait(lambda: host.mctl("terminate", name).returncode != 0 and gone(host, name), 30)
         host.ok("start", name)
         assert list(machinectl_list(host)).count(name) == 1
         host.ok("terminate", name)
-        assert wait_until(lambda: gone(host, name), 10)
+        assert _wait(lambda: gone(host, name), 10)
 
 
 def test_errors_are_one_line_and_leave_nothing(host: Host, inner: Inner) -> None:
@@ -278,7 +269,7 @@ def test_errors_are_one_line_and_leave_nothing(host: Host, inner: Inner) -> None
         assert not host.sh(f"systemctl list-units --all --no-legend 'machine-{name}.scope'").strip()
     finally:
         host.sh(f"systemctl stop foreign-{name}; machinectl terminate {name}", check=False)
-    assert wait_until(lambda: gone(host, name), 10)
+    assert _wait(lambda: gone(host, name), 10)
     # systemd-machined cannot be reached.
     host.sh("systemctl mask --runtime --now systemd-machined.service")
     try:
@@ -296,10 +287,10 @@ def test_run_is_registered_too(host: Host, inner: Inner) -> None:
     name = inner.busybox()
     # As PID 1 of its namespace the payload gets only signals it handles: this one ends on SIGTERM.
     host.sh(f"mctl run {name} -- /bin/sh -c 'trap \"exit 0\" TERM; sleep 30 & wait' >/dev/null 2>&1 &")
-    assert wait_until(lambda: name in machinectl_list(host), 10)
+    assert _wait(lambda: name in machinectl_list(host), 10)
     assert machinectl_show(host, name)["Unit"] == f"machine-{name}.scope"
     host.run("machinectl", "terminate", name, check=True)
-    assert wait_until(lambda: gone(host, name), 5)
+    assert _wait(lambda: gone(host, name), 5)
     assert host.mctl("run", name, "--", "/bin/sh", "-c", "exit 7").returncode == 7
     assert_nothing_left(host, name)
 
@@ -322,7 +313,7 @@ def test_enable_then_host_reboot_starts_the_machine(host: Host, inner: Inner) ->
     assert f"/etc/systemd/system/machines.target.wants/{unit}" in out
     assert host.run("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
     host.reboot()
-    assert wait_until(lambda: name in host.running(), 60)
+    assert _wait(lambda: name in host.running(), 60)
     assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
     main_pid = int(host.sh(f"systemctl show -p MainPID --value '{unit}'"))
     assert json.loads(host.ok("show", name, "-o", "json"))["Supervisor"] == main_pid
