@@ -266,6 +266,7 @@ class MachineNetwork:
                 nat.add_forwards(self.name, self.ports, addrs[0], addrs[1] if len(addrs) > 1 else None)
             state.write(self.name, data)
             update_hosts(self.host.hosts_file)
+        write_resolv_conf(resolv_path(self.name))
 
     def _lease(self, store: ipam.Store, ref: object) -> None:
         br = self.bridge
@@ -416,24 +417,11 @@ class MachineNetwork:
         self.data["interfaces"] = [inner]
 
     def in_child(self, root_fd: int) -> None:
-        """in_child hook (imports nothing): the machine's hosts file over its /etc/hosts, read-only."""
-        src = hosts_path(self.name)
-        if not os.path.exists(src):
-            return
-        for remount in (False, True):
-            try:
-                # Looked up again for the remount: the first fd names the file under the bind mount.
-                fd = mounts.resolve(root_fd, "etc/hosts", flags=os.O_PATH)
-            except FileNotFoundError:
-                return  # a guest without /etc/hosts gets none
-            try:
-                if remount:
-                    linux.mount(None, mounts.fdpath(fd), None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
-                                | mounts.NOSUID_NODEV_NOEXEC)
-                else:
-                    linux.mount(src, mounts.fdpath(fd), None, linux.MS_BIND)
-            finally:
-                os.close(fd)
+        """in_child hook (imports nothing): the machine's hosts file over its /etc/hosts and the host's
+        resolvers over its /etc/resolv.conf, read-only."""
+        _bind_file(root_fd, hosts_path(self.name), "etc/hosts", follow=True)
+        # A symlinked resolv.conf (systemd-resolved, resolvconf) is the guest's own business.
+        _bind_file(root_fd, resolv_path(self.name), "etc/resolv.conf", follow=False)
 
     def end_boot(self) -> None:
         """After a boot's init ended: give back a moved link, drop the namespace we held."""
@@ -487,6 +475,63 @@ def _check_host_port_free(port: netconfig.Port) -> None:
 
 def hosts_path(name: str) -> str:
     return os.path.join(paths.machine_runtime_dir(name), "hosts")
+
+
+def resolv_path(name: str) -> str:
+    return os.path.join(paths.machine_runtime_dir(name), "resolv.conf")
+
+
+def _bind_file(root_fd: int, src: str, target: str, follow: bool) -> None:
+    """Bind src read-only over the guest's target file, if both exist (a guest without one gets none)."""
+    if not os.path.exists(src):
+        return
+    for remount in (False, True):
+        try:
+            # Looked up again for the remount: the first fd names the file under the bind mount.
+            fd = mounts.resolve(root_fd, target, follow=follow, flags=os.O_PATH)
+        except OSError:
+            return
+        try:
+            if remount:
+                linux.mount(None, mounts.fdpath(fd), None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+                            | mounts.NOSUID_NODEV_NOEXEC)
+            else:
+                linux.mount(src, mounts.fdpath(fd), None, linux.MS_BIND)
+        finally:
+            os.close(fd)
+
+
+def host_resolvers() -> str:
+    """The host's resolver configuration as a machine can use it: a loopback resolver (such as
+    systemd-resolved's stub at 127.0.0.53) is the host's own, unreachable from a machine, so then
+    resolved's list of upstream servers is taken instead (systemd-nspawn --resolv-conf=auto does the same)."""
+    for candidate in ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"):
+        try:
+            with open(candidate) as f:
+                text = f.read()
+        except OSError:
+            continue
+        servers = [line.split()[1] for line in text.splitlines()
+                   if line.startswith("nameserver") and len(line.split()) > 1]
+        if servers and not all(ipaddress.ip_address(s.split("%")[0]).is_loopback for s in servers
+                               if _is_ip(s.split("%")[0])):
+            return text
+    return ""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_resolv_conf(path: str) -> None:
+    text = host_resolvers()
+    if text:
+        with open(path, "w") as f:
+            f.write("# The host's resolvers, given to this machine by machined.\n" + text)
 
 
 def _running(exclude: str = "") -> list[dict[str, object]]:

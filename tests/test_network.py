@@ -525,3 +525,25 @@ def test_no_network_modules_without_a_network(env: Env) -> None:
         lines = r.stdout.strip().splitlines()
         assert lines[-1] == "[]", r.stdout + r.stderr
         assert len(lines) == 2 and ": lo: " in lines[0], r.stdout  # only loopback inside
+
+
+def test_resolvers_given_to_bridged_machines(env: Env) -> None:
+    from machined import network
+
+    expected = network.host_resolvers()
+    assert expected, "this host has no usable resolver configuration to give"
+    a, b = env.name("a"), env.name("b")
+    for n in (a, b):
+        env.ok("create", n, "--template", "busybox")
+    (env.images / a / "etc/resolv.conf").write_text("nameserver 192.0.2.99\n")  # stale, from a build
+    (env.images / b / "etc/resolv.conf").symlink_to("../run/own-resolver.conf")  # managed by the guest
+    for n in (a, b):
+        env.ok("start", n)
+    inside = env.ok("shell", a, "--", "cat", "/etc/resolv.conf")
+    assert inside.endswith(expected) and "192.0.2.99" not in inside
+    assert env.mctl("shell", a, "--", "sh", "-c", "echo x >> /etc/resolv.conf").returncode != 0  # read-only
+    assert env.ok("shell", b, "--", "readlink", "/etc/resolv.conf").strip() == "../run/own-resolver.conf"
+    # The image itself is untouched: the host's resolvers are only bound over it while it runs.
+    for n in (a, b):
+        env.ok("poweroff", n)
+    assert (env.images / a / "etc/resolv.conf").read_text() == "nameserver 192.0.2.99\n"
