@@ -420,8 +420,8 @@ class MachineNetwork:
         """in_child hook (imports nothing): the machine's hosts file over its /etc/hosts and the host's
         resolvers over its /etc/resolv.conf, read-only."""
         _bind_file(root_fd, hosts_path(self.name), "etc/hosts", follow=True)
-        # A symlinked resolv.conf (systemd-resolved, resolvconf) is the guest's own business.
-        _bind_file(root_fd, resolv_path(self.name), "etc/resolv.conf", follow=False)
+        if _without_nameservers(root_fd):
+            _bind_file(root_fd, resolv_path(self.name), "etc/resolv.conf", follow=False)
 
     def end_boot(self) -> None:
         """After a boot's init ended: give back a moved link, drop the namespace we held."""
@@ -499,6 +499,20 @@ def _bind_file(root_fd: int, src: str, target: str, follow: bool) -> None:
                 linux.mount(src, mounts.fdpath(fd), None, linux.MS_BIND)
         finally:
             os.close(fd)
+
+
+def _without_nameservers(root_fd: int) -> bool:
+    """Whether the guest's /etc/resolv.conf is a file naming no server: that is where the host's
+    go. A file with servers of its own, or a symlink (systemd-resolved, resolvconf), is the guest's."""
+    try:
+        fd = mounts.resolve(root_fd, "etc/resolv.conf", follow=False, flags=os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        text = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    return not any(line.strip().startswith(b"nameserver") for line in text.splitlines())
 
 
 def host_resolvers() -> str:

@@ -532,18 +532,20 @@ def test_resolvers_given_to_bridged_machines(env: Env) -> None:
 
     expected = network.host_resolvers()
     assert expected, "this host has no usable resolver configuration to give"
-    a, b = env.name("a"), env.name("b")
-    for n in (a, b):
+    a, b, c = env.name("a"), env.name("b"), env.name("c")
+    for n in (a, b, c):
         env.ok("create", n, "--template", "busybox")
-    (env.images / a / "etc/resolv.conf").write_text("nameserver 192.0.2.99\n")  # stale, from a build
-    (env.images / b / "etc/resolv.conf").symlink_to("../run/own-resolver.conf")  # managed by the guest
-    for n in (a, b):
+    (env.images / a / "etc/resolv.conf").write_text("# none of its own\n")      # gets the host's
+    (env.images / b / "etc/resolv.conf").write_text("nameserver 192.0.2.99\n")  # its own: kept
+    (env.images / c / "etc/resolv.conf").symlink_to("../run/own-resolver.conf")  # managed by the guest
+    for n in (a, b, c):
         env.ok("start", n)
     inside = env.ok("shell", a, "--", "cat", "/etc/resolv.conf")
-    assert inside.endswith(expected) and "192.0.2.99" not in inside
+    assert inside.endswith(expected), inside
     assert env.mctl("shell", a, "--", "sh", "-c", "echo x >> /etc/resolv.conf").returncode != 0  # read-only
-    assert env.ok("shell", b, "--", "readlink", "/etc/resolv.conf").strip() == "../run/own-resolver.conf"
-    # The image itself is untouched: the host's resolvers are only bound over it while it runs.
-    for n in (a, b):
+    assert env.ok("shell", b, "--", "cat", "/etc/resolv.conf") == "nameserver 192.0.2.99\n"
+    assert env.ok("shell", c, "--", "readlink", "/etc/resolv.conf").strip() == "../run/own-resolver.conf"
+    for n in (a, b, c):
         env.ok("poweroff", n)
-    assert (env.images / a / "etc/resolv.conf").read_text() == "nameserver 192.0.2.99\n"
+    # The image itself is untouched: the host's resolvers are only bound over it while it runs.
+    assert (env.images / a / "etc/resolv.conf").read_text() == "# none of its own\n"
