@@ -204,9 +204,9 @@ def verb_status(a: argparse.Namespace) -> int:
             lines.append(("Template", f"{info['Template']} {info.get('Release') or ''}".strip()))
         if info.get("ReadOnly"):
             lines.append(("Read-only", "yes"))
-        for key in ("Addresses", "NetworkInterfaces"):
+        for key, label in (("Addresses", "Addresses"), ("NetworkInterfaces", "Interfaces")):
             if info.get(key):
-                lines.append((key, ", ".join(str(x) for x in info[key])))  # type: ignore[attr-defined]
+                lines.append((label, ", ".join(str(x) for x in info[key])))  # type: ignore[attr-defined]
         if info.get("ControlGroup"):
             lines.append(("Cgroup", info["ControlGroup"]))
         for key, value in info.items():

@@ -624,7 +624,14 @@ def update_hosts(host_file: str, exclude: str = "") -> None:
             old = ""
         new = _with_block(old, entries)
         if new != old:
-            _rewrite_in_place(host_file, new, follow=True)
+            try:
+                _rewrite_in_place(host_file, new, follow=True)
+            except OSError as e:
+                # A host whose hosts file is read-only (itself a machine, an immutable image) still
+                # runs machines; only the host's own lookups of their names go without.
+                from machined.log import warn
+
+                warn(f"Failed to update {host_file} with the machines' names: {e.strerror}")
 
 
 # --- teardown -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, mounts, paths, resources, spawn, state
+from machined import cgroups, devices, inits, linux, log, mounts, paths, resources, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -201,6 +201,8 @@ class Supervisor:
 
             self._log(traceback.format_exc().replace("\n", "\r\n").encode())
             error = f"Failed to run {self.plan.name}: {e!r}"
+            if log.DEBUG:  # mctl --debug: the traceback travels with the error to the user
+                error = traceback.format_exc() + error
         finally:
             if error:
                 self._log(f"\r\n[machined: {error}]\r\n".encode())
