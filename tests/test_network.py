@@ -549,3 +549,20 @@ def test_resolvers_given_to_bridged_machines(env: Env) -> None:
         env.ok("poweroff", n)
     # The image itself is untouched: the host's resolvers are only bound over it while it runs.
     assert (env.images / a / "etc/resolv.conf").read_text() == "# none of its own\n"
+
+
+def test_read_only_host_hosts_file_does_not_stop_a_start(env: Env) -> None:
+    # The host is itself a machine, or its /etc is immutable: machines still start, only the host's
+    # own lookups of their names go without.
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    env.hosts_file.write_text("127.0.0.1\tlocalhost\n")
+    before = env.hosts_file.read_text()
+    subprocess.run(["chattr", "+i", str(env.hosts_file)], check=True)
+    try:
+        env.ok("start", name)
+        assert env.ok("shell", name, "--", "cat", "/etc/hosts").count(name) >= 1
+        env.ok("poweroff", name)
+    finally:
+        subprocess.run(["chattr", "-i", str(env.hosts_file)], check=True)
+    assert env.hosts_file.read_text() == before
