@@ -142,29 +142,42 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def prewarm() -> None:
-    """Start, in the background, the RCU grace period the kernel waits for on the first cgroup
-    migration after a quiet spell (cgroup_threadgroup_rwsem): a no-op move of this process into the
-    cgroup it is in. By the time a machine's process really migrates, the wait has overlapped with
-    start-up instead of adding ~15 ms to it. Best effort: any error is ignored.
+_PREWARM = {"until": 0.0}
+
+
+def prewarm(seconds: float = 2.0) -> None:
+    """Keep the kernel ready for cgroup migrations while a machine starts.
+
+    The first migration after a quiet spell waits for an RCU grace period (cgroup_threadgroup_rwsem
+    switching to its writer mode, ~15 ms here), and the kernel returns to the quiet mode a grace
+    period after the last one. A background thread starts that wait as mctl starts (overlapping it
+    with the imports) and repeats a no-op move of this process into its own cgroup until the
+    machine's real migration is done (prewarm_done) or the time is up, so that migration never
+    waits. Best effort: any error ends the thread.
     """
     import _thread
+
+    _PREWARM["until"] = time.monotonic() + seconds
 
     def move_self() -> None:
         # As little Python as possible: this thread competes with the imports for the GIL.
         try:
             with open("/proc/self/cgroup") as f:
                 v2 = next(line[3:].strip() for line in f if line.startswith("0::"))
-            for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-                try:
-                    _write(f"{top}{v2}/cgroup.procs", str(os.getpid()))
-                    return
-                except FileNotFoundError:
-                    continue
+            target = next(f"{top}{v2}/cgroup.procs" for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+                          if os.path.exists(f"{top}{v2}/cgroup.procs"))
+            pid = str(os.getpid())
+            while time.monotonic() < _PREWARM["until"]:
+                _write(target, pid)
+                time.sleep(0.005)
         except (OSError, StopIteration):
             pass
 
     _thread.start_new_thread(move_self, ())
+
+
+def prewarm_done() -> None:
+    _PREWARM["until"] = 0.0
 
 
 def scope_name(name: str) -> str:

@@ -176,6 +176,7 @@ class Supervisor:
             self._prepare()
             while True:
                 self.child = spawn.spawn(self._spec())
+                cgroups.prewarm_done()  # the machine is in its cgroup: no more keeping warm
                 self.boots += 1
                 if self.unit is not None:
                     self.unit.register(self.child.pid, self.data.get("interfaces"))
