@@ -537,6 +537,7 @@ def test_resolvers_given_to_bridged_machines(env: Env) -> None:
         env.ok("create", n, "--template", "busybox")
     (env.images / a / "etc/resolv.conf").write_text("# none of its own\n")      # gets the host's
     (env.images / b / "etc/resolv.conf").write_text("nameserver 192.0.2.99\n")  # its own: kept
+    (env.images / c / "etc/resolv.conf").unlink()  # the template's
     (env.images / c / "etc/resolv.conf").symlink_to("../run/own-resolver.conf")  # managed by the guest
     for n in (a, b, c):
         env.ok("start", n)
