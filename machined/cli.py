@@ -12,14 +12,33 @@ from machined.log import MachinedError
 def _prewarm_if_starting() -> None:
     """Starting a machine moves processes between cgroups, and the kernel's first move after a
     quiet spell waits for an RCU grace period (~15 ms here): begin that wait now, before the
-    imports below, so that it overlaps with them (see cgroups.prewarm). Where systemd runs, first
-    (before that thread) fork the machine's D-Bus agent, which loads dbus-fast on another CPU
-    meanwhile (see systemd.prefork)."""
-    args = [a for a in sys.argv[1:] if not a.startswith("-")]
-    if args[:1] in (["run"], ["start"]) and os.geteuid() == 0:
+    imports below, so that it overlaps with them (see cgroups.prewarm). Before that thread, for a
+    start or run of one machine, fork the helpers that load asyncio and a library on another CPU
+    meanwhile: where systemd runs the machine's D-Bus agent (see systemd.prefork), and where its
+    network has links its network helper (see netagent)."""
+    words: list[str] = []
+    options: dict[str, str] = {}
+    rest = iter(sys.argv[1:])
+    for arg in rest:
+        if arg == "--":
+            break
+        if arg.startswith("--") and "=" in arg:
+            options[arg.partition("=")[0]] = arg.partition("=")[2]
+        elif arg in ("--network", "-p", "--port", "--pod", "-D", "--directory"):  # options with a value
+            options[arg] = next(rest, "")
+        elif arg.startswith("-"):
+            options[arg] = ""
+        else:
+            words.append(arg)
+    if words[:1] in (["run"], ["start"]) and os.geteuid() == 0:
+        one = (words[0] == "run" or len(words) == 2) and not {"-h", "--help"} & set(options)
+        if one and len(words) > 1 and not {"-D", "--directory"} & set(options):
+            from machined import netagent  # first: the longest imports
+
+            netagent.prefork(words[1], options.get("--network"))
         from machined import cgroups, systemd
 
-        if (args[0] == "run" or len(args) == 2) and not {"-h", "--help"} & set(sys.argv):  # one machine
+        if one:
             systemd.prefork()
         cgroups.prewarm()
 

@@ -14,18 +14,22 @@ a machine's), so tests and users choose their own bridge names and subnets:
     nat = true                       # masquerade traffic leaving the bridge (else: not forwarded)
     keep = true                      # keep the bridge when its last machine stops
 
-No heavy imports: this runs on the start path in mctl itself, before anything is created.
+No heavy imports: this runs on the start path in mctl itself, before anything is created (and
+tomllib only where the host's settings are read: a machine's network helper needs the rest).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from dataclasses import dataclass, field
 
 from machined import paths
 from machined.log import die
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 IFNAMSIZ = 16
 DEFAULT_BRIDGE = "mbr0"
@@ -154,6 +158,16 @@ class Bridge:
             return None
         return self.ipv6_subnet.network_address + (int(address) - int(self.subnet.network_address))
 
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "subnet": str(self.subnet), "gateway": str(self.gateway),
+                "ipv6_subnet": str(self.ipv6_subnet or ""), "nat": self.nat, "keep": self.keep}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Bridge:
+        v6 = d["ipv6_subnet"]
+        return cls(d["name"], ipaddress.IPv4Network(d["subnet"]), ipaddress.IPv4Address(d["gateway"]),
+                   ipaddress.IPv6Network(v6) if v6 else None, d["nat"], d["keep"])
+
 
 @dataclass(frozen=True)
 class HostNetwork:
@@ -201,6 +215,8 @@ def _bridge(name: str, data: dict[str, object], where: str) -> Bridge:
 
 
 def load_host() -> HostNetwork:
+    import tomllib
+
     path = host_config_path()
     try:
         with open(path, "rb") as f:

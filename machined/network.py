@@ -1,4 +1,4 @@
-"""A machine's network, through netlink (pyroute2's asyncio API): bridge, veth, addresses, routes.
+"""A machine's network: bridge, veth, addresses, routes, NAT, port forwards, names.
 
 Addresses are static: the host configures them from its side, through a netlink socket opened in
 the machine's network namespace, before the guest's init runs. That works for any guest (busybox,
@@ -7,56 +7,33 @@ the address the one the lease store (ipam) handed out. Names resolve through hos
 manager keeps: one per machine, bind-mounted read-only over the guest's /etc/hosts (the guest's
 own entries plus every running machine), and a managed block in the host's hosts file.
 
-What a machine's network leaves on the host is recorded in its state under "network" and removed
-by teardown(), which is idempotent and also runs after a supervisor was killed.
+The netlink work (machined.netlink, pyroute2's asyncio API) is done by the machine's network
+helper (machined.netagent), forked as mctl starts, so that neither mctl nor the supervisor imports
+asyncio and pyroute2. What a machine's network leaves on the host is recorded in its state under
+"network" and removed by teardown(), which is idempotent and also runs (in-process) after a
+supervisor was killed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
-import importlib.util
 import ipaddress
 import os
 import socket
-import sys
 
-from machined import ipam, linux, mounts, nat, netconfig, paths, pods, state
-from machined.log import MachinedError, die
-
-
-def _register_pyroute2() -> None:
-    """pyroute2/__init__.py imports every API the library has (IPDB, NDB, nl80211, WireGuard, ...),
-    measured at 100-200 ms, most of what networking would add to a start. The package is registered
-    without running it, so only the modules used here (RTNL and their dependencies) load."""
-    if "pyroute2" not in sys.modules:
-        spec = importlib.util.find_spec("pyroute2")
-        if spec is not None and spec.loader is not None:
-            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
-
-
-_register_pyroute2()
-from pyroute2.iproute.linux import AsyncIPRoute  # noqa: E402
-from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+from machined import ipam, linux, mounts, nat, netagent, netconfig, paths, pods, state
+from machined.log import die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-    from typing import Any, TypeVar
+    from typing import Any
 
     from machined.config import MachineConfig
     from machined.netconfig import Bridge, HostNetwork
 
-    T = TypeVar("T")
-
-IFA_F_NODAD = 0x02
 HOSTS_BEGIN = "# BEGIN machined: running machines (managed; edits are lost)"
 HOSTS_END = "# END machined"
-
-
-def _run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def host_ifname(prefix: str, name: str) -> str:
@@ -66,123 +43,6 @@ def host_ifname(prefix: str, name: str) -> str:
         return full
     digest = hashlib.sha256(name.encode()).hexdigest()
     return prefix + name[: netconfig.IFNAMSIZ - 1 - len(prefix) - 5] + digest[:5]
-
-
-def stable_mac(*seed: str) -> str:
-    """A locally administered unicast MAC address that stays the same for the same seed."""
-    b = bytearray(hashlib.sha256("\0".join(seed).encode()).digest()[:6])
-    b[0] = (b[0] & 0xFE) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
-
-
-def _write_sysctl(path: str, value: str) -> None:
-    with open(f"/proc/sys/{path}", "r+") as f:
-        if f.read().strip() != value:
-            f.seek(0)
-            f.write(value)
-
-
-def _nl(what: str, e: NetlinkError) -> MachinedError:
-    return MachinedError(f"Failed to {what}: {os.strerror(e.code) if e.code > 0 else e}")
-
-
-async def _index(ipr: AsyncIPRoute, ifname: str) -> int | None:
-    found = await ipr.link_lookup(ifname=ifname)
-    return int(found[0]) if found else None
-
-
-def _socket_in(nsfd: int) -> int:
-    """A netlink socket in the network namespace nsfd (sockets stay in the namespace they were made in)."""
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        linux.setns(nsfd, linux.CLONE_NEWNET)
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
-        finally:
-            linux.setns(own, linux.CLONE_NEWNET)
-    finally:
-        os.close(own)
-    return sock.detach()
-
-
-# --- the bridge ---------------------------------------------------------------------------------
-
-async def _check_subnet_free(ipr: AsyncIPRoute, br: Bridge) -> None:
-    """Refuse a subnet that overlaps a network the host already routes (other than through br)."""
-    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [br.subnet]
-    if br.ipv6_subnet is not None:
-        nets.append(br.ipv6_subnet)
-    for net in nets:
-        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-        async for route in await ipr.route("dump", family=family):
-            dst, plen = route.get("RTA_DST"), route["dst_len"]
-            if not dst or plen == 0 or route.get("RTA_TABLE") != 254:
-                continue
-            other = ipaddress.ip_network(f"{dst}/{plen}", strict=False)
-            if other.overlaps(net):
-                oif = route.get("RTA_OIF")
-                links = await ipr.link("get", index=oif) if oif else []
-                dev = links[0].get("IFLA_IFNAME") if links else "?"
-                die(f"Failed to create bridge {br.name}: its subnet {net} overlaps {other} on {dev}",
-                    hint=f"choose another subnet for bridge {br.name} in {netconfig.host_config_path()}")
-
-
-async def ensure_bridge(ipr: AsyncIPRoute, br: Bridge) -> int:
-    """The bridge's index; created with its gateway addresses and NAT table if it does not exist."""
-    idx = await _index(ipr, br.name)
-    if idx is not None:
-        links = await ipr.link("get", index=idx)
-        kind = links[0].get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
-        if kind != "bridge":
-            die(f"Failed to use bridge {br.name}: a link of that name exists and is a {kind or 'device'}")
-        nat.add_bridge(br)
-        return idx
-    await _check_subnet_free(ipr, br)
-    try:
-        await ipr.link("add", ifname=br.name, kind="bridge", address=stable_mac("bridge", br.name))
-    except NetlinkError as e:
-        raise _nl(f"create bridge {br.name}", e) from None
-    idx = await _index(ipr, br.name)
-    assert idx is not None
-    try:
-        await ipr.addr("add", index=idx, address=str(br.gateway), prefixlen=br.subnet.prefixlen)
-        if br.ipv6_subnet is not None:
-            await ipr.addr("add", index=idx, address=str(br.gateway6), prefixlen=br.ipv6_subnet.prefixlen,
-                           flags=IFA_F_NODAD)
-        _write_sysctl(f"net/ipv4/conf/{br.name}/route_localnet", "1")
-        nat.add_bridge(br)
-        if br.nat:
-            _write_sysctl("net/ipv4/ip_forward", "1")
-            if br.ipv6_subnet is not None:
-                _write_sysctl("net/ipv6/conf/all/forwarding", "1")
-        await ipr.link("set", index=idx, state="up")
-    except BaseException:
-        await _delete_link(ipr, br.name)
-        nat.delete_table(nat.bridge_table(br.name))
-        raise
-    return idx
-
-
-async def _delete_link(ipr: AsyncIPRoute, ifname: str) -> None:
-    idx = await _index(ipr, ifname)
-    if idx is None:
-        return
-    try:
-        await ipr.link("del", index=idx)
-    except NetlinkError as e:
-        if e.code != errno.ENODEV:
-            raise
-
-
-async def _remove_bridge_if_unused(ipr: AsyncIPRoute, name: str) -> None:
-    idx = await _index(ipr, name)
-    if idx is None:
-        return
-    async for link in await ipr.link("dump"):
-        if link.get("IFLA_MASTER") == idx:
-            return  # a port is left: another machine (or the host's own use) needs it
-    await _delete_link(ipr, name)
-    nat.delete_table(nat.bridge_table(name))
 
 
 # --- one machine ----------------------------------------------------------------------------------
@@ -196,6 +56,7 @@ class MachineNetwork:
     the machine that starts the pod, by that machine's prepare(), and owned by the pod."""
 
     def __init__(self, cfg: MachineConfig, rootfs: str) -> None:
+        self.agent: netagent.Agent | None = None
         self.cfg = cfg
         self.name = cfg.name
         self.rootfs = rootfs
@@ -217,7 +78,8 @@ class MachineNetwork:
         """Refuse what cannot work, touching nothing (the locked allocation in prepare() checks again)."""
         fail = f"Failed to start {self.name}"
         store = ipam.peek()
-        if self.pod and pods.members(self.pod):
+        joining = bool(self.pod and pods.members(self.pod))
+        if joining:
             pass  # joins a running pod, whose network is in place: its own mode does not matter
         elif self.mode.kind in ("bridge", "veth"):
             self.bridge = self._bridge()
@@ -235,6 +97,22 @@ class MachineNetwork:
             if owner != self.name:
                 die(f"{fail}: host port {port.key} is already forwarded to {owner}")
             _check_host_port_free(port)
+        if self.mode.kind == "none" or joining:
+            netagent.discard()  # no links to make
+        else:
+            self._helper()  # the one forked as mctl started, from now on this machine's
+
+    def _helper(self) -> netagent.Agent:
+        """The network helper, recorded: a killed supervisor's teardown waits for it."""
+        if self.agent is None:
+            self.agent = netagent.take(self.name)
+            self.record["agent"] = state.proc_ref(self.agent.pid)
+        return self.agent
+
+    def forget(self) -> None:
+        """In mctl once it forked the supervisor, which has the helper now."""
+        if self.agent is not None:
+            self.agent.forget()
 
     def _bridge(self) -> Bridge:
         br = self.host.bridge(self.mode.link or None if self.mode.kind == "bridge" else None)
@@ -327,94 +205,38 @@ class MachineNetwork:
             self._attach_links()
 
     def _attach_links(self) -> None:
+        agent = self._helper()
+        state.write(self.name, self.data)  # the helper is in the record before it changes anything
         if self.mode.kind in ("bridge", "veth"):
-            _run(self._attach_veth())
+            br = self.bridge
+            assert br is not None and self.address is not None
+            prefix = "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
+            base = self.pod or self.name
+            outer = host_ifname(prefix, base)
+            self.record["host_link"] = outer
+            self.data["interfaces"] = [outer]
+            state.write(self.name, self.data)
+            # Under the network lock: the bridge is there or not until the helper has made it.
+            renew = self.mode.kind == "bridge" and os.path.isdir(f"/sys/class/net/{br.name}/bridge")
+            agent.send("attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind,
+                       outer=outer, altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed,
+                       address=str(self.address))
+            try:
+                if renew:
+                    # The bridge's NAT table anew (a firewall reload may have flushed it), while the
+                    # helper works: its commit waits for an RCU grace period (~10 ms).
+                    nat.add_bridge(br)
+            finally:
+                self.data["ifindices"] = [agent.receive()]  # the helper's answer, also when that failed
         elif self.mode.kind == "interface":
-            _run(self._move_in())
+            agent.request("move_in", self.netns, machine=self.name, link=self.mode.link)
+            self.data["interfaces"] = [self.mode.link]
         elif self.mode.kind == "macvlan":
-            _run(self._add_macvlan())
+            inner = host_ifname("mv-", self.mode.link)
+            agent.request("add_macvlan", self.netns, machine=self.name, link=self.mode.link, inner=inner,
+                          seed=self.mac_seed)
+            self.data["interfaces"] = [inner]
         state.write(self.name, self.data)
-
-    async def _attach_veth(self) -> None:
-        br = self.bridge
-        assert br is not None and self.address is not None
-        prefix = "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
-        base = self.pod or self.name
-        outer = host_ifname(prefix, base)
-        self.record["host_link"] = outer
-        self.data["interfaces"] = [outer]
-        state.write(self.name, self.data)
-        async with AsyncIPRoute() as ipr:
-            master = await ensure_bridge(ipr, br) if self.mode.kind == "bridge" else None
-            await _delete_link(ipr, outer)  # the last boot's, if its namespace is not gone yet
-            try:
-                await ipr.link("add", ifname=outer, kind="veth", address=stable_mac(self.mac_seed, outer),
-                               peer={"ifname": "host0", "net_ns_fd": self.netns,
-                                     "address": stable_mac(self.mac_seed, "host0")})
-            except NetlinkError as e:
-                raise _nl(f"create veth {outer} for {self.name}", e) from None
-            idx = await _index(ipr, outer)
-            assert idx is not None
-            if outer != prefix + base:
-                await ipr.link("property_add", index=idx, altname=prefix + base)
-            if master is not None:
-                await ipr.link("set", index=idx, master=master, state="up")
-            else:
-                # Point to point: the host side holds the gateway address, with the machine as peer.
-                # No route_localnet here: without the bridge's guard rule it would open the host's
-                # loopback services to the machine, so forwards from 127.0.0.1 are a bridge's alone.
-                await ipr.addr("add", index=idx, local=str(br.gateway), address=str(self.address), prefixlen=32)
-                await ipr.link("set", index=idx, state="up")
-            self.data["ifindices"] = [idx]
-        await self._configure_inside(br)
-
-    async def _configure_inside(self, br: Bridge) -> None:
-        assert self.address is not None
-        async with AsyncIPRoute(fileno=_socket_in(self.netns)) as ipr:
-            lo, host0 = await _index(ipr, "lo"), await _index(ipr, "host0")
-            assert lo is not None and host0 is not None
-            await ipr.link("set", index=lo, state="up")
-            if self.mode.kind == "bridge":
-                await ipr.addr("add", index=host0, address=str(self.address), prefixlen=br.subnet.prefixlen)
-                a6 = br.address6(self.address)
-                if a6 is not None and br.ipv6_subnet is not None:
-                    await ipr.addr("add", index=host0, address=str(a6), prefixlen=br.ipv6_subnet.prefixlen,
-                                   flags=IFA_F_NODAD)
-            else:
-                await ipr.addr("add", index=host0, local=str(self.address), address=str(br.gateway), prefixlen=32)
-            await ipr.link("set", index=host0, state="up")
-            await ipr.route("add", dst="0.0.0.0/0", gateway=str(br.gateway))
-            if self.mode.kind == "bridge" and br.gateway6 is not None:
-                await ipr.route("add", dst="::/0", gateway=str(br.gateway6), family=socket.AF_INET6)
-
-    async def _move_in(self) -> None:
-        async with AsyncIPRoute() as ipr:
-            idx = await _index(ipr, self.mode.link)
-            if idx is None:
-                die(f"Failed to move {self.mode.link} into {self.name}: there is no such interface on the host")
-            try:
-                await ipr.link("set", index=idx, net_ns_fd=self.netns)
-            except NetlinkError as e:
-                raise _nl(f"move {self.mode.link} into {self.name}", e) from None
-        self.data["interfaces"] = [self.mode.link]
-
-    async def _add_macvlan(self) -> None:
-        inner = host_ifname("mv-", self.mode.link)
-        async with AsyncIPRoute() as ipr:
-            parent = await _index(ipr, self.mode.link)
-            if parent is None:
-                die(f"Failed to add a macvlan on {self.mode.link}: there is no such interface on the host")
-            try:
-                await ipr.link("add", ifname=inner, kind="macvlan", link=parent, macvlan_mode="bridge",
-                               address=stable_mac(self.mac_seed, "macvlan", self.mode.link), net_ns_fd=self.netns)
-            except NetlinkError as e:
-                raise _nl(f"add macvlan {inner} on {self.mode.link} for {self.name}", e) from None
-        async with AsyncIPRoute(fileno=_socket_in(self.netns)) as ipr:
-            for ifname in ("lo", inner):
-                idx = await _index(ipr, ifname)
-                if idx is not None:
-                    await ipr.link("set", index=idx, state="up")
-        self.data["interfaces"] = [inner]
 
     def in_child(self, root_fd: int) -> None:
         """in_child hook (imports nothing): the machine's hosts file over its /etc/hosts and the host's
@@ -429,7 +251,7 @@ class MachineNetwork:
             return
         try:
             if self.mode.kind == "interface" and not self.pod:
-                _run(self._move_out())
+                self._helper().request("move_out", self.netns, link=self.mode.link)
         except Exception as e:  # noqa: BLE001 - best effort: the link dies with the namespace
             from machined.log import warn
 
@@ -438,16 +260,18 @@ class MachineNetwork:
             os.close(self.netns)
             self.netns = -1
 
-    async def _move_out(self) -> None:
-        host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    def close(self, data: dict[str, object]) -> None:
+        """The supervisor's teardown of the network (its helper's last steps), and the helper's end."""
         try:
-            async with AsyncIPRoute(fileno=_socket_in(self.netns)) as ipr:
-                idx = await _index(ipr, self.mode.link)
-                if idx is not None:
-                    await ipr.link("set", index=idx, state="down")
-                    await ipr.link("set", index=idx, net_ns_fd=host)
+            teardown(data, self.agent)
+        except Exception as e:  # noqa: BLE001 - best effort, as state.teardown's steps
+            from machined.log import warn
+
+            warn(f"cleanup of {self.name}: {e}")
         finally:
-            os.close(host)
+            data.pop("network", None)
+            if self.agent is not None:
+                self.agent.close()
 
 
 def _check_host_port_free(port: netconfig.Port) -> None:
@@ -636,11 +460,15 @@ def update_hosts(host_file: str, exclude: str = "") -> None:
 
 # --- teardown -------------------------------------------------------------------------------------
 
-def teardown(data: dict[str, object]) -> None:
-    """TEARDOWN step for the "network" key: idempotent, best effort, also after a supervisor crash."""
+def teardown(data: dict[str, object], agent: netagent.Agent | None = None) -> None:
+    """TEARDOWN step for the "network" key: idempotent, best effort, also after a supervisor crash.
+    agent: the supervisor's network helper; without one (the supervisor was killed) the recorded
+    helper is let finish first, and the links are removed here."""
     rec = data.get("network")
     if not isinstance(rec, dict):
         return
+    if agent is None:
+        netagent.wait_gone(rec.get("agent"))
     name = str(data.get("name"))
     table = rec.get("nft_table")
     if isinstance(table, str):
@@ -661,16 +489,20 @@ def teardown(data: dict[str, object]) -> None:
         link = link if isinstance(link, str) else None
         bridge = bridge if isinstance(bridge, str) and owned.get("keep") is False else None
         if link or bridge:
-            _run(_teardown_links(link, bridge))
+            _remove_links(agent, link, bridge)
         if ending_pod:
             pods.destroy(str(pod))
         hosts_file = rec.get("hosts_file")
         update_hosts(hosts_file if isinstance(hosts_file, str) else "", exclude=name)
 
 
-async def _teardown_links(link: str | None, bridge: str | None) -> None:
-    async with AsyncIPRoute() as ipr:
-        if link:
-            await _delete_link(ipr, link)
-        if bridge:
-            await _remove_bridge_if_unused(ipr, bridge)
+def _remove_links(agent: netagent.Agent | None, link: str | None, bridge: str | None) -> None:
+    if agent is not None:
+        try:
+            agent.request("teardown_links", link=link, bridge=bridge)
+            return
+        except netagent.HelperGone:
+            pass  # it was killed: done here instead
+    from machined import netlink
+
+    netlink.teardown_links(link, bridge)

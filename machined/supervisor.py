@@ -120,7 +120,7 @@ def plan_from_config(cfg: MachineConfig, argv: list[str] | None = None, ephemera
         init_kind, rules, nodes = check()
     net = None
     if cfg.network.mode != "none" or cfg.network.pod:
-        from machined import network  # pyroute2 only for machines with a network
+        from machined import network  # only for machines with a network (its netlink work: netagent)
 
         net = network.MachineNetwork(cfg, rootfs)
         net.check()
@@ -563,6 +563,8 @@ class Supervisor:
         self._drop_client()
         if self.listener is not None:
             self.listener.close()
+        if self.plan.network is not None:
+            self.plan.network.close(self.data)  # through its helper, which then ends
         if self.unit is not None:
             self.unit.close(self.data)
         state.teardown(self.data)
@@ -651,6 +653,8 @@ def start_detached(plan: Plan, lock: state.Lock) -> None:
     lock.forget()
     if unit is not None:
         unit.forget()
+    if plan.network is not None:
+        plan.network.forget()
     chunks = []
     while True:
         b = os.read(r, 65536)

@@ -220,14 +220,18 @@ def _host_snapshot() -> dict[str, object]:
     nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
     nft_lines = [line.strip() for line in nft.stdout.splitlines() if TOKEN in line] if nft.returncode == 0 else []
     netns = sorted(n for n in os.listdir("/run/netns") if TOKEN in n) if os.path.isdir("/run/netns") else []
-    supervisors = sorted(
-        p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "machined-sup" and TOKEN in _cmdline(p)
-    )
+    supervisors = processes("machined-sup", TOKEN)
+    helpers = processes("machined-net", TOKEN)  # machines' network helpers (netagent)
     # Loop devices are global: the tests name their backing files with TOKEN.
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     loop_devices = sorted(line.split(":")[0] for line in loops.splitlines() if TOKEN in line)
     return {"mounts": mounts, "cgroups": sorted(cgroups), "links": link_names, "nft": nft_lines,
-            "netns": netns, "supervisors": supervisors, "loops": loop_devices}
+            "netns": netns, "supervisors": supervisors, "helpers": helpers, "loops": loop_devices}
+
+
+def processes(comm: str, text: str) -> list[str]:
+    """Live processes (not zombies) named comm whose command line contains text."""
+    return sorted(p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == comm and text in _cmdline(p))
 
 
 def _comm(pid: str) -> str:

@@ -1,0 +1,342 @@
+"""A machine's network helper: a process that does the machine's netlink work for its supervisor.
+
+Importing asyncio and pyroute2 (machined.netlink) takes about 80 ms, longer than mctl needs to get
+a machine to the point where its network namespace exists. So mctl forks the helper first thing
+when it starts or runs one machine whose network has links (prefork: decided from the command line
+and the machine's settings file, read without tomllib where it can be), and the helper imports them
+on the other CPU meanwhile. The supervisor then asks it for each netlink step (attach_veth,
+move_in, add_macvlan, move_out, teardown_links), handing over the machine's network namespace as an
+fd: one JSON message per request and per reply on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS).
+
+The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor) and ignores
+terminal and stop signals: it ends when its socket does, when the supervisor closes it or dies. A
+supervisor records its helper in the machine's state, so that the teardown after a killed
+supervisor waits until the helper has finished the step it was doing (wait_gone).
+"""
+
+from __future__ import annotations
+
+import os
+
+from machined.log import MachinedError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any, NoReturn
+
+TIMEOUT = 60.0  # for one step; a helper that takes longer is stuck
+LINK_MODES = ("veth", "bridge", "interface", "macvlan")
+OPS = ("attach_veth", "move_in", "add_macvlan", "move_out", "teardown_links")
+COMM = "machined-net"
+
+
+class HelperGone(MachinedError):
+    """The helper ended (or stopped answering) before it answered."""
+
+
+class HelperError(Exception):
+    """An unexpected exception in the helper, reported as the original would have been (its repr);
+    its traceback is the message."""
+
+    def __init__(self, text: str, tb: str = "") -> None:
+        super().__init__(tb or text)
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class Agent:
+    """The supervisor's end of a helper process (which is forked here)."""
+
+    def __init__(self) -> None:
+        # The socket module costs ~6 ms to import (its enums), before the fork: its C part does here.
+        import _socket
+
+        ours, theirs = (s.detach() for s in _socket.socketpair(_socket.AF_UNIX,
+                                                               _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ours)
+                _serve(theirs)
+            finally:
+                os._exit(0)
+        os.close(theirs)
+        self.fd = ours
+        self._sock: socket.socket | None = None
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)  # before anyone could reap it: it is our child
+        self.creator = os.getpid()
+        self.machine = ""
+        self.op = ""
+        self.used = False
+        if not _agents:
+            import atexit
+
+            atexit.register(_close_all)
+        _agents.append(self)
+
+    def _socket(self) -> socket.socket:
+        import socket
+
+        if self._sock is None:
+            if self.fd < 0:
+                raise HelperGone(f"Failed to set up the network of {self.machine}: its network helper is closed")
+            self._sock = socket.socket(fileno=self.fd)
+            self._sock.settimeout(TIMEOUT)
+        return self._sock
+
+    def send(self, op: str, netns: int = -1, **args: Any) -> None:
+        """Ask the helper to do op (a function of machined.netlink), with the network namespace netns."""
+        import json
+        import socket
+
+        self.used = True
+        self.op = op
+        try:
+            socket.send_fds(self._socket(), [json.dumps({"op": op, **args}).encode()], [netns] if netns >= 0 else [])
+        except OSError as e:
+            self._gone(e)
+
+    def receive(self) -> Any:
+        """The result of the op sent; its MachinedError is raised here as it was raised there."""
+        import json
+
+        try:
+            data = self._socket().recv(65536)
+        except OSError as e:
+            self._gone(e)
+        if not data:
+            self._gone(None)
+        reply: dict[str, Any] = json.loads(data)
+        if "error" in reply:
+            raise MachinedError(reply["error"], reply.get("hint"))
+        if "exception" in reply:
+            raise HelperError(reply["exception"], reply.get("traceback", ""))
+        return reply.get("result")
+
+    def request(self, op: str, netns: int = -1, **args: Any) -> Any:
+        self.send(op, netns, **args)
+        return self.receive()
+
+    def _gone(self, e: OSError | None) -> NoReturn:
+        why = f" ({e.strerror or 'no answer'})" if e is not None else ""
+        raise HelperGone(f"Failed to {self.op.replace('_', ' ')} for {self.machine}: its network helper ended{why}")
+
+    def _close_socket(self) -> bool:
+        if self.fd < 0:
+            return False
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self.fd)
+        self.fd, self._sock = -1, None
+        return True
+
+    def forget(self) -> None:
+        """Close our ends only: a forked supervisor talks to the helper on."""
+        if self._close_socket():
+            os.close(self.pidfd)
+
+    def close(self) -> None:
+        """End the helper (it goes at the end of file on its socket) and wait until it is gone."""
+        if not self._close_socket():
+            return
+        import select
+        import signal
+
+        try:
+            if not self.used:  # it holds nothing: no need to wait for its imports
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            if not select.select([self.pidfd], [], [], TIMEOUT)[0]:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                select.select([self.pidfd], [], [], 5.0)
+        except ProcessLookupError:
+            pass  # gone already
+        finally:
+            os.close(self.pidfd)
+        if self.creator == os.getpid():
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+_agents: list[Agent] = []
+_preforked: Agent | None = None
+
+
+def _close_all() -> None:
+    """At mctl's exit: a helper it made and handed to no supervisor (a start that failed early) goes."""
+    for agent in _agents:
+        if agent.creator == os.getpid():
+            agent.close()
+
+
+def prefork(name: str, mode: str | None) -> None:
+    """Called by mctl first thing when it starts or runs machine name; mode: its --network option."""
+    global _preforked
+    if (mode if mode is not None else _configured_mode(name)).partition(":")[0] in LINK_MODES:
+        _preforked = Agent()
+
+
+def take(machine: str) -> Agent:
+    """The helper for machine: the one forked first thing, else a new one."""
+    global _preforked
+    agent, _preforked = _preforked, None
+    agent = agent or Agent()
+    agent.machine = machine
+    return agent
+
+
+def discard() -> None:
+    """The machine needs no links after all (it joins a running pod): no helper."""
+    global _preforked
+    if _preforked is not None:
+        _preforked.close()
+        _preforked = None
+
+
+def wait_gone(ref: object, timeout: float = 10.0) -> None:
+    """Wait until a killed supervisor's helper (a state.proc_ref) has finished its step and ended."""
+    import select
+    import signal
+
+    from machined import state
+
+    fd = state.open_process(ref)
+    if fd is None:
+        return
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            select.select([fd], [], [], 5.0)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- deciding before the settings are loaded -------------------------------------------------------
+
+def _configured_mode(name: str) -> str:
+    """The network mode in machine name's settings file ('bridge' where it has none, the default)."""
+    from machined import paths
+
+    if paths.name_error(name):
+        return "none"  # mctl refuses it in a moment
+    try:
+        with open(paths.config_path(name), "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return "bridge"  # an image without settings gets the defaults
+    except OSError:
+        return "none"
+    mode = _plain_mode(text)
+    if mode is None:  # not in the plain form mctl writes: parse it for real (tomllib costs ~15 ms)
+        import tomllib
+
+        try:
+            network = tomllib.loads(text.decode()).get("network", {})
+        except (ValueError, UnicodeDecodeError):
+            return "none"  # loading the settings fails in a moment
+        mode = network.get("mode", "bridge") if isinstance(network, dict) else "none"
+    return mode if isinstance(mode, str) else "none"
+
+
+def _plain_mode(text: bytes) -> str | None:
+    """[network] mode from TOML made only of [bare.table] headers and bare_key = value lines, with
+    mode a basic string without escapes; None where the text has any other form."""
+    bare = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+    section, mode = b"", "bridge"
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if b'"""' in line or b"'''" in line:
+            return None  # a multi-line string could hold anything
+        if line.startswith(b"["):
+            if not line.endswith(b"]") or not set(line.strip(b"[]").replace(b".", b"")) <= bare:
+                return None
+            section = line
+            continue
+        key, sep, value = line.partition(b"=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not set(key) <= bare:
+            return None
+        if section == b"[network]" and key == b"mode":
+            if len(value) < 2 or value[:1] != b'"' or value.count(b'"') != 2 or not value.endswith(b'"') \
+                    or b"\\" in value:
+                return None
+            mode = value[1:-1].decode(errors="replace")
+        elif key == b"network" and not section:
+            return None  # an inline table
+    return mode
+
+
+# --- the helper -------------------------------------------------------------------------------------
+
+def _serve(old: int) -> None:
+    """The helper's life: shed mctl's descriptors, import netlink, answer until the socket ends."""
+    import fcntl
+    import gc
+    import signal
+
+    fd = fcntl.fcntl(old, fcntl.F_DUPFD_CLOEXEC, 3)  # above the standard streams, which may be closed
+    os.closerange(3, fd)  # nothing of mctl's: no lock, no pipe of its caller, no other helper's socket
+    os.closerange(fd + 1, 1 << 20)
+    null = os.open(os.devnull, os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(null, i)
+    os.close(null)
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the supervisor ends us when it has torn the network down
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(COMM)
+    # The imports make tens of thousands of objects and no garbage: no collection meanwhile, and none
+    # ever of them or of mctl's objects (which would also copy the pages this process shares with mctl).
+    gc.freeze()
+    gc.disable()
+    failure = ""
+    try:
+        from machined import netlink
+    except Exception as e:  # noqa: BLE001 - said in answer to every request
+        failure = repr(e)
+    gc.freeze()
+    gc.enable()
+
+    import json
+    import socket
+    import traceback
+
+    conn = socket.socket(fileno=fd)
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, 65536, 1)
+        except OSError:
+            break
+        if not data:
+            break  # the supervisor closed us, or is gone
+        reply: dict[str, Any]
+        try:
+            msg = json.loads(data)
+            op = msg.pop("op")
+            if failure:
+                raise HelperError(failure)
+            if op not in OPS:
+                raise ValueError(f"unknown operation {op!r}")
+            reply = {"result": getattr(netlink, op)(*fds, **msg)}
+        except MachinedError as e:
+            reply = {"error": e.message, "hint": e.hint}
+        except Exception as e:  # noqa: BLE001 - the supervisor reports it
+            reply = {"exception": repr(e), "traceback": traceback.format_exc()}
+        finally:
+            for passed in fds:
+                os.close(passed)
+        try:
+            conn.send(json.dumps(reply).encode())
+        except OSError:
+            break
