@@ -224,7 +224,8 @@ class Supervisor:
         if self.plan.ephemeral:
             self.data["ephemeral"] = self.plan.ephemeral  # recorded before the first boot makes it
         if self.unit is not None:  # its device policy and limits are the scope's properties
-            self.cgroup = self.unit.create(self.data)
+            helper = self.plan.network.agent if self.plan.network is not None else None
+            self.cgroup = self.unit.create(self.data, (helper.pid,) if helper is not None else ())
         else:
             self.cgroup = cgroups.create(self.plan.name, self.plan.all_rules(), limits=self.plan.limits)
         self.data["cgroup"] = self.cgroup.to_state()

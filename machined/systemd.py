@@ -470,8 +470,9 @@ class Delegation:
             props.append(("Before", "as", [service]))
         self.agent.send("scope", unit=self.unit, props=props + unit_properties(plan))
 
-    def create(self, data: dict[str, object]) -> cgroups.MachineCgroup:
-        """In the supervisor: once the scope exists, join it; its cgroup, delegated, with payload ready."""
+    def create(self, data: dict[str, object], helpers: tuple[int, ...] = ()) -> cgroups.MachineCgroup:
+        """In the supervisor: once the scope exists, join it (with our helpers: the network's); its
+        cgroup, delegated, with payload ready."""
         data["systemd"] = self.info  # before we are in it: a crash from now on leaves it to clean
         try:
             where = self.agent.receive()
@@ -479,7 +480,7 @@ class Delegation:
             raise
         except MachinedError as e:
             fail(f"create scope {self.unit}", str(e))
-        return _adopt(self.name, self.unit, self.agent.pid, where)
+        return _adopt(self.name, self.unit, (self.agent.pid, *helpers), where)
 
     def register(self, leader: int, interfaces: object) -> None:
         """Register the machine with systemd-machined; after a reboot, again with the new init."""
@@ -519,9 +520,9 @@ def set_properties(data: dict[str, object], props: list[tuple[str, str, Any]]) -
     return True
 
 
-def _adopt(name: str, unit: str, agent_pid: int, where: dict[str, Any]) -> cgroups.MachineCgroup:
+def _adopt(name: str, unit: str, pids: tuple[int, ...], where: dict[str, Any]) -> cgroups.MachineCgroup:
     """Join unit, where systemd has put the agent (which says where that is): its 'supervisor'
-    sub-cgroup for us and the agent, 'payload' for the machine."""
+    sub-cgroup for us, the agent and our other helpers (pids), 'payload' for the machine."""
     dirs: dict[str, list[Any]] = where.get("dirs") or {}
     if not dirs:
         fail(f"set up the cgroup of {name}", f"systemd did not put the machine's D-Bus helper into {unit}")
@@ -531,7 +532,7 @@ def _adopt(name: str, unit: str, agent_pid: int, where: dict[str, Any]) -> cgrou
         for d in cg.dirs.values():
             for sub in (SUPERVISOR, cgroups.PAYLOAD):
                 os.makedirs(os.path.join(d, sub), exist_ok=True)
-            for pid in (agent_pid, 0):
+            for pid in (*pids, 0):
                 with open(os.path.join(d, SUPERVISOR, "cgroup.procs"), "w") as f:
                     f.write(str(pid))
         for d, _, version in dirs.values():
