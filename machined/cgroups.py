@@ -17,6 +17,7 @@ from machined.log import fail
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from _thread import LockType
     from collections.abc import Iterable, Iterator
 
     from machined.config import Resources
@@ -143,6 +144,7 @@ def _read(path: str) -> str:
 
 
 _PREWARM = {"until": 0.0}
+_prewarming: list[tuple[int, LockType]] = []  # (our pid, a lock the thread holds while it runs)
 
 
 def prewarm(seconds: float = 2.0) -> None:
@@ -158,6 +160,9 @@ def prewarm(seconds: float = 2.0) -> None:
     import _thread
 
     _PREWARM["until"] = time.monotonic() + seconds
+    running = _thread.allocate_lock()
+    running.acquire()
+    _prewarming.append((os.getpid(), running))
 
     def move_self() -> None:
         # As little Python as possible: this thread competes with the imports for the GIL.
@@ -172,12 +177,20 @@ def prewarm(seconds: float = 2.0) -> None:
                 time.sleep(0.005)
         except (OSError, StopIteration):
             pass
+        finally:
+            running.release()
 
     _thread.start_new_thread(move_self, ())
 
 
-def prewarm_done() -> None:
+def prewarm_done(wait: bool = False) -> None:
+    """No more keeping warm. wait: until the thread has stopped, before this process moves to
+    another cgroup (a supervisor joining its machine's scope), which the thread would undo."""
     _PREWARM["until"] = 0.0
+    for pid, running in _prewarming:
+        if wait and pid == os.getpid():  # (a forked supervisor has no such thread)
+            running.acquire()
+            running.release()
 
 
 def scope_name(name: str) -> str:

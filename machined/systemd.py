@@ -528,6 +528,7 @@ def _adopt(name: str, unit: str, pids: tuple[int, ...], where: dict[str, Any]) -
         fail(f"set up the cgroup of {name}", f"systemd did not put the machine's D-Bus helper into {unit}")
     cg = cgroups.MachineCgroup(str(where["layout"]), {mp: d for mp, (d, _, _) in dirs.items()},
                                {mp: key for mp, (_, key, _) in dirs.items()}, delegated=True)
+    cgroups.prewarm_done(wait=True)  # its moves of this process would take us out of the scope again
     try:
         for d in cg.dirs.values():
             for sub in (SUPERVISOR, cgroups.PAYLOAD):
