@@ -35,7 +35,7 @@ def _prewarm_if_starting() -> None:
         if one and len(words) > 1 and not {"-D", "--directory"} & set(options):
             from machined import netagent  # first: the longest imports
 
-            netagent.prefork(words[1], options.get("--network"))
+            netagent.prefork(words[1], options.get("--network") or None)  # (empty: the settings')
         from machined import cgroups, systemd
 
         if one:
