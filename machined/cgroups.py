@@ -187,8 +187,8 @@ def prewarm_done(wait: bool = False) -> None:
     """No more keeping warm. wait: until the thread has stopped, before this process moves to
     another cgroup (a supervisor joining its machine's scope), which the thread would undo."""
     _PREWARM["until"] = 0.0
-    for pid, running in _prewarming:
-        if wait and pid == os.getpid():  # (a forked supervisor has no such thread)
+    for pid, running in _prewarming if wait else ():
+        if pid == os.getpid():  # (a forked supervisor has no such thread)
             running.acquire()
             running.release()
 

@@ -107,6 +107,8 @@ class MachineNetwork:
         if self.agent is None:
             self.agent = netagent.take(self.name)
             self.record["agent"] = state.proc_ref(self.agent.pid)
+            if self.data:  # made by the supervisor (a pod that ended since check()): recorded at once
+                state.write(self.name, self.data)
         return self.agent
 
     def forget(self) -> None:
@@ -206,7 +208,6 @@ class MachineNetwork:
 
     def _attach_links(self) -> None:
         agent = self._helper()
-        state.write(self.name, self.data)  # the helper is in the record before it changes anything
         if self.mode.kind in ("bridge", "veth"):
             br = self.bridge
             assert br is not None and self.address is not None

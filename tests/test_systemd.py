@@ -102,7 +102,7 @@ def assert_nothing_left(host: Host, name: str, machined: bool = True) -> None:
     assert gone(host, name, machined)
     left = host.sh(f"ls /run/machined/machines/{name} /run/machined/locks/{name} 2>/dev/null; "
                    f"ls -d /sys/fs/cgroup/*/machine.slice/machine-{name}.scope 2>/dev/null; "
-                   f"pgrep -a -x 'machined-(sup|bus)' | grep -w {name}", check=False)
+                   f"pgrep -a -x 'machined-(sup|bus|net)' | grep -w {name}", check=False)
     assert left.strip() == ""
 
 
