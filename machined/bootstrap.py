@@ -218,14 +218,28 @@ def _build(tmpl: Template, release: str, params: dict[str, Any], target: str, ke
     # and a mount namespace keeps the tool's /proc, /sys and /dev mounts off the host.
     wrapped = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "slave", "--mount-proc",
                *argv]
-    from machined import images
 
     progress = Progress(f"{tmpl.distro} {release} {host_arch()}", target) if sys.stderr.isatty() else None
+    # The tool's own temporary files (mmdebstrap's gpg home) beside the target, not in the host's
+    # /tmp: what a killed bootstrap leaves there is removed with the target by 'mctl clean'.
+    tmpdir = target + ".tmpdir"
+    os.makedirs(tmpdir, mode=0o700, exist_ok=True)
+    try:
+        return _watch(tool, wrapped, logpath, argv, progress, tmpl, release, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _watch(tool: str, wrapped: list[str], logpath: str, argv: list[str], progress: Progress | None,
+           tmpl: Template, release: str, tmpdir: str) -> str:
+    from machined import images
+
     with open(logpath, "w") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
         proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=images.die_with_us, close_fds=True)
+                                stderr=subprocess.STDOUT, preexec_fn=images.die_with_us, close_fds=True,
+                                env=dict(os.environ, TMPDIR=tmpdir))
         assert proc.stdout is not None
         last = ""
         try:

@@ -12,7 +12,7 @@ import errno
 import os
 import time
 
-from machined import devices
+from machined import devices, linux
 from machined.log import fail
 
 TYPE_CHECKING = False
@@ -130,14 +130,6 @@ def hierarchies(which: str | None = None) -> list[Hierarchy]:
     return hs
 
 
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
@@ -173,7 +165,7 @@ def prewarm(seconds: float = 2.0) -> None:
                           if os.path.exists(f"{top}{v2}/cgroup.procs"))
             pid = str(os.getpid())
             while time.monotonic() < _PREWARM["until"]:
-                _write(target, pid)
+                linux.write_file(target, pid)
                 time.sleep(0.005)
         except (OSError, StopIteration):
             pass
@@ -240,7 +232,7 @@ class MachineCgroup:
     def join_payload(self, pid: int = 0) -> None:
         """Move pid (0: the caller) into the payload cgroup of every hierarchy."""
         for d in self.payload_dirs():
-            _write(os.path.join(d, "cgroup.procs"), str(pid))
+            linux.write_file(os.path.join(d, "cgroup.procs"), str(pid))
 
     def join_like(self, pid: int) -> None:
         """Move the caller into the cgroups pid is in, within this machine's scope."""
@@ -254,7 +246,7 @@ class MachineCgroup:
             target = os.path.normpath(os.path.join(scope, inner))
             if not target.startswith(scope + "/"):
                 target = os.path.join(scope, PAYLOAD)
-            _write(os.path.join(target, "cgroup.procs"), "0")
+            linux.write_file(os.path.join(target, "cgroup.procs"), "0")
 
     def pids(self) -> list[int]:
         """Every process of the machine (walks the payload subtree of one hierarchy)."""
@@ -322,7 +314,7 @@ def _mkdir(path: str) -> None:
 def _copy_cpuset(parent: str, child: str) -> None:
     # v1 cpuset starts empty and refuses tasks until cpus and mems are set.
     for key in ("cpuset.cpus", "cpuset.mems"):
-        _write(os.path.join(child, key), _read(os.path.join(parent, key)).strip() or "\n")
+        linux.write_file(os.path.join(child, key), _read(os.path.join(parent, key)).strip() or "\n")
 
 
 def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None,
@@ -386,7 +378,7 @@ def _enable_v2_controllers(*chain: str) -> None:
         if not wanted:
             return
         try:
-            _write(os.path.join(d, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
+            linux.write_file(os.path.join(d, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
         except OSError:
             return  # a non-root cgroup with processes of its own cannot delegate (no internal processes rule)
 
@@ -400,8 +392,6 @@ def mount_in_container(sys_fs_cgroup: str, which: str, nesting: bool = False) ->
     cgroup:rw): the guest's own subtree only, as its cgroup namespace shows nothing above it, and
     the limits on the machine's scope, outside that subtree, still bound whatever it sets.
     """
-    from machined import linux
-
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     if which == "unified":
         linux.mount("cgroup2", sys_fs_cgroup, "cgroup2", nosuid, "nsdelegate")

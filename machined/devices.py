@@ -17,6 +17,7 @@ import os
 import stat
 import struct
 
+from machined import linux
 from machined.log import fail
 
 TYPE_CHECKING = False
@@ -301,16 +302,8 @@ def remove_node(root_fd: int, node: Node) -> None:
 
 # --- v1 ------------------------------------------------------------------------------------------
 
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
 def apply_v1(cgroup_dir: str, rules: Iterable[Rule]) -> None:
-    _write(os.path.join(cgroup_dir, "devices.deny"), "a")
+    linux.write_file(os.path.join(cgroup_dir, "devices.deny"), "a")
     fd = os.open(os.path.join(cgroup_dir, "devices.allow"), os.O_WRONLY | os.O_CLOEXEC)
     try:
         for rule in rules:
@@ -322,11 +315,11 @@ def apply_v1(cgroup_dir: str, rules: Iterable[Rule]) -> None:
 def allow_v1(cgroup_dir: str, rule: Rule) -> None:
     """Allow on the scope and every cgroup below it: v1 children copied the list when they were made."""
     for dirpath, _dirs, _files in os.walk(cgroup_dir):  # top-down: a child may not exceed its parent
-        _write(os.path.join(dirpath, "devices.allow"), str(rule))
+        linux.write_file(os.path.join(dirpath, "devices.allow"), str(rule))
 
 
 def deny_v1(cgroup_dir: str, rule: Rule) -> None:
-    _write(os.path.join(cgroup_dir, "devices.deny"), str(rule))  # the kernel takes it from children too
+    linux.write_file(os.path.join(cgroup_dir, "devices.deny"), str(rule))  # the kernel takes it from children too
 
 
 # --- v2: a cgroup device BPF program -------------------------------------------------------------

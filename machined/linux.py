@@ -73,6 +73,15 @@ def _b(s: str | None) -> bytes | None:
     return None if s is None else os.fsencode(s)
 
 
+def write_file(path: str, value: str) -> None:
+    """One write(2) of value to path: what cgroup and sysfs control files want."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags))
 

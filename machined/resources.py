@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from machined import cgroups, paths, state
+from machined import cgroups, linux, paths, state
 from machined.log import MachinedError, die, fail
 
 TYPE_CHECKING = False
@@ -97,14 +97,6 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 # --- applying ------------------------------------------------------------------------------------
 
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
@@ -123,7 +115,7 @@ def _quota_us(quota: str | None) -> str | None:
 def _set(scope: str, key: str, filename: str, value: str, controller: str) -> None:
     path = os.path.join(scope, filename)
     try:
-        _write(path, value)
+        linux.write_file(path, value)
     except FileNotFoundError:
         fail(f"set {key} on {os.path.basename(scope)}",
              f"the {controller} controller is not available there ({filename} is missing)")
@@ -136,14 +128,14 @@ def _set_cpus(scope: str, value: str | None, v1: bool) -> None:
     widen the subtree to the parent's CPUs top-down, then narrow it bottom-up."""
     try:
         if not v1:
-            _write(os.path.join(scope, "cpuset.cpus"), value or "")
+            linux.write_file(os.path.join(scope, "cpuset.cpus"), value or "")
             return
         wide = _read(os.path.join(os.path.dirname(scope), "cpuset.cpus"))
         dirs = [d for d, _, _ in os.walk(scope)]
         for d in dirs:
-            _write(os.path.join(d, "cpuset.cpus"), wide)
+            linux.write_file(os.path.join(d, "cpuset.cpus"), wide)
         for d in reversed(dirs):
-            _write(os.path.join(d, "cpuset.cpus"), value or wide)
+            linux.write_file(os.path.join(d, "cpuset.cpus"), value or wide)
     except FileNotFoundError:
         fail(f"set cpuset_cpus on {os.path.basename(scope)}", "the cpuset controller is not available there")
     except OSError as e:
@@ -334,12 +326,12 @@ def _set_frozen(cg: MachineCgroup, freeze: bool, timeout: float = 5.0) -> None:
     version, d = _freezer(cg)
     path = os.path.join(d, "freezer.state" if version == 1 else "cgroup.freeze")
     frozen, thawed = ("FROZEN", "THAWED") if version == 1 else ("1", "0")
-    _write(path, frozen if freeze else thawed)
+    linux.write_file(path, frozen if freeze else thawed)
     deadline = time.monotonic() + timeout
     while is_frozen(cg) != freeze:
         if time.monotonic() > deadline:
             if freeze:
-                _write(path, thawed)  # never leave it half frozen
+                linux.write_file(path, thawed)  # never leave it half frozen
             raise OSError(f"still {'thawing' if not freeze else 'freezing'} after {timeout:.0f} s")
         time.sleep(0.005)
 
