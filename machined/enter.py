@@ -14,7 +14,7 @@ import socket
 import struct
 import termios
 
-from machined import cgroups, linux, security, spawn, state, terminal
+from machined import cgroups, linux, mounts, security, spawn, state, terminal
 from machined.log import MachinedError, die
 
 NAMESPACES = (linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
@@ -26,14 +26,20 @@ class Account:
         self.name, self.uid, self.gid, self.home, self.shell = name, uid, gid, home, shell
 
 
+def _guest_file(path: str) -> list[str]:
+    """Lines of a file of the machine we joined (its root is ours); never a FIFO's wait or endless read."""
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return mounts.read_file(root, path).decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    finally:
+        os.close(root)
+
+
 def _lookup_account(user: str) -> Account:
     """Parse the guest's /etc/passwd ourselves: NSS would load the guest's libraries into this process."""
-    try:
-        with open("/etc/passwd") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
+    for line in _guest_file("etc/passwd"):
         fields = line.split(":")
         if len(fields) >= 7 and (fields[0] == user or (user.isdigit() and fields[2] == user)):
             return Account(fields[0], int(fields[2]), int(fields[3]), fields[5] or "/", fields[6] or "/bin/sh")
@@ -44,17 +50,10 @@ def _lookup_account(user: str) -> Account:
 
 def _groups(account: Account) -> list[int]:
     result = {account.gid}
-    try:
-        with open("/etc/group") as f:
-            for line in f:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 4 and account.name in fields[3].split(","):
-                    try:
-                        result.add(int(fields[2]))
-                    except ValueError:
-                        pass
-    except OSError:
-        pass
+    for line in _guest_file("etc/group"):
+        fields = line.split(":")
+        if len(fields) >= 4 and account.name in fields[3].split(",") and fields[2].isdigit():
+            result.add(int(fields[2]))
     return sorted(result)
 
 

@@ -33,11 +33,7 @@ def _image_machine_id(rootfs: str) -> str | None:
 
     root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = mounts.resolve(root_fd, "etc/machine-id", follow=False, flags=os.O_RDONLY)
-        try:
-            value = os.read(fd, 64).decode(errors="replace").strip()
-        finally:
-            os.close(fd)
+        value = mounts.read_file(root_fd, "etc/machine-id", follow=False, limit=64).decode(errors="replace").strip()
     except OSError:
         return None
     finally:
@@ -248,14 +244,13 @@ def _os_release(rootfs: str) -> dict[str, str]:
     try:
         for candidate in ("etc/os-release", "usr/lib/os-release"):
             try:
-                fd = mounts.resolve(root_fd, candidate, flags=os.O_RDONLY)
+                text = mounts.read_file(root_fd, candidate, limit=65536).decode(errors="replace")
             except OSError:
                 continue
-            with os.fdopen(fd) as f:
-                for line in f.read(65536).splitlines():
-                    key, sep, value = line.partition("=")
-                    if sep and key.strip() and not key.startswith("#"):
-                        result[key.strip()] = value.strip().strip("\"'")
+            for line in text.splitlines():
+                key, sep, value = line.partition("=")
+                if sep and key.strip() and not key.startswith("#"):
+                    result[key.strip()] = value.strip().strip("\"'")
             break
     finally:
         os.close(root_fd)

@@ -84,6 +84,28 @@ def resolve(root_fd: int, path: str, *, follow: bool = True, flags: int = os.O_P
     return _walk(root_fd, path, follow, flags)[0]
 
 
+def read_file(root_fd: int, path: str, *, follow: bool = True, limit: int = 1 << 20) -> bytes:
+    """At most limit bytes of a regular file inside the root (resolved as resolve() does).
+
+    A guest's file may be anything: a FIFO (opened without waiting for a writer) or a device such as
+    /dev/zero is refused with EINVAL, so reading a machine's files can neither hang nor never end.
+    """
+    fd = resolve(root_fd, path, follow=follow, flags=os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"/{path.lstrip('/')} is not a regular file")
+        chunks = []
+        while limit > 0:
+            chunk = os.read(fd, min(limit, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            limit -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def resolve_path(root_fd: int, path: str) -> str:
     """Where path leads inside the root, symlinks followed under the rules of resolve()."""
     fd, resolved = _walk(root_fd, path, True, os.O_PATH)
@@ -261,15 +283,11 @@ def setup_tmpfs(root_fd: int, path: str, mode: str) -> None:
 def setup_machine_id(root_fd: int, machine_id: str, runtime_file: str) -> None:
     """Give an image with an empty or missing /etc/machine-id the machine's id, read-only, for this boot."""
     try:
-        fd = resolve(root_fd, "etc/machine-id", follow=False, flags=os.O_RDONLY)
+        current = read_file(root_fd, "etc/machine-id", follow=False, limit=64).strip()
     except FileNotFoundError:
         return  # no file to cover; systemd then uses container_uuid
     except OSError as e:
         fail("set up /etc/machine-id", e)
-    try:
-        current = os.read(fd, 64).strip()
-    finally:
-        os.close(fd)
     if len(current) == 32:
         return
     with open(runtime_file, "w") as f:

@@ -330,13 +330,9 @@ def _without_nameservers(root_fd: int) -> bool:
     """Whether the guest's /etc/resolv.conf is a file naming no server: that is where the host's
     go. A file with servers of its own, or a symlink (systemd-resolved, resolvconf), is the guest's."""
     try:
-        fd = mounts.resolve(root_fd, "etc/resolv.conf", follow=False, flags=os.O_RDONLY)
+        text = mounts.read_file(root_fd, "etc/resolv.conf", follow=False, limit=65536)
     except OSError:
         return False
-    try:
-        text = os.read(fd, 65536)
-    finally:
-        os.close(fd)
     return not any(line.strip().startswith(b"nameserver") for line in text.splitlines())
 
 
@@ -423,10 +419,8 @@ def _guest_hosts(rootfs: str) -> str:
     except OSError:
         return ""
     try:
-        fd = mounts.resolve(root_fd, "etc/hosts", flags=os.O_RDONLY)
-        with os.fdopen(fd) as f:
-            return f.read(1 << 16)
-    except (OSError, UnicodeDecodeError):
+        return mounts.read_file(root_fd, "etc/hosts", limit=1 << 16).decode(errors="replace")
+    except OSError:
         return ""
     finally:
         os.close(root_fd)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import stat
 
 from machined import cgroups, devices, linux, mounts, paths, spawn, state
 from machined.devices import Node, Rule
@@ -130,18 +129,15 @@ def guest_gid(rootfs: str, host_gid: int) -> int:
     try:
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = mounts.resolve(root_fd, "etc/group", flags=os.O_RDONLY | os.O_NONBLOCK)  # never a FIFO's wait
+            text = mounts.read_file(root_fd, "etc/group").decode(errors="replace")
         finally:
             os.close(root_fd)
-        with os.fdopen(fd) as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return host_gid
-            for line in f.read(1 << 20).splitlines():
-                fields = line.split(":")
-                if len(fields) >= 3 and fields[0] == group and fields[2].isdigit():
-                    return int(fields[2])
     except OSError:
-        pass
+        return host_gid
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == group and fields[2].isdigit():
+            return int(fields[2])
     return host_gid
 
 

@@ -232,13 +232,11 @@ def _environment(root_fd: int) -> Any:
     def rootfs_read(path: str) -> str:
         """A file of the machine's tree as it is before rendering ('' if absent), e.g. to edit /etc/shadow."""
         try:
-            fd = mounts.resolve(root_fd, str(path), flags=os.O_RDONLY)
+            return mounts.read_file(root_fd, str(path)).decode(errors="surrogateescape")
         except FileNotFoundError:
             return ""
         except OSError as e:
             raise MachinedError(f"Failed to read /{path} in the root file system: {e.strerror or e}") from None
-        with os.fdopen(fd, errors="surrogateescape") as f:
-            return f.read(1 << 20)
 
     env.globals["rootfs_read"] = rootfs_read
     return env

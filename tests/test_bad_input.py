@@ -135,3 +135,27 @@ def test_bad_template_values(env: Env) -> None:
     assert_clean_error(env.mctl("create", env.name(), "--template", "busybox", "--set", "noequals"))
     assert env.tree() == before
     assert not any(os.listdir(env.images)) if env.images.exists() else True
+
+
+def test_hostile_files_in_an_image_never_hang_mctl(env: Env) -> None:
+    """FIFOs and endless devices where mctl reads a guest's files: a clear result, never a hang."""
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    rootfs = env.images / name
+    for f in ("etc/os-release", "etc/hosts", "etc/group"):
+        (rootfs / f).unlink()
+        os.mkfifo(rootfs / f)
+    (rootfs / "etc/passwd").unlink()
+    (rootfs / "etc/passwd").symlink_to("/dev/zero")  # inside the machine: its own endless /dev/zero
+    env.ok("start", name, timeout=30)
+    assert env.ok("shell", name, "--", "echo", "alive", timeout=30).strip() == "alive"
+    status = env.mctl("status", name, timeout=30)
+    assert status.returncode == 0 and "State: running" in status.stdout
+    assert env.mctl("list", timeout=30).returncode == 0
+    env.ok("poweroff", name, timeout=30)
+    # A FIFO where the machine's id is kept is refused in one line, before the machine starts.
+    (rootfs / "etc/machine-id").unlink()
+    os.mkfifo(rootfs / "etc/machine-id")
+    r = env.mctl("start", name, timeout=30)
+    assert_clean_error(r, "machine-id")
+    assert env.running() == []
