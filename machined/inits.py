@@ -53,3 +53,16 @@ def reboot_signal(kind: str) -> int:
 
 def halt_signal(kind: str) -> int:
     return SIGNALS.get(kind, SIGNALS["command"])[2]
+
+
+def listens(pid: int, sig: int) -> bool:
+    """Whether pid, a namespace's init, would take sig now: the kernel drops a signal such an init
+    neither catches nor blocks (systemd blocks its signals and reads them from a signalfd). Until
+    init has set itself up, a poweroff or reboot request would be lost."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        mask = int(fields[b"SigBlk"], 16) | int(fields[b"SigCgt"], 16)
+    except (OSError, KeyError, ValueError):
+        return True  # gone, or unreadable: sending is what reports it
+    return bool(mask >> (sig - 1) & 1)

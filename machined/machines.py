@@ -146,7 +146,7 @@ def stop(name: str, how: str, timeout: float | None = None, wait: bool = True) -
         _signal_supervisor(data, signal.SIGTERM)
         limit = (timeout if timeout is not None else _kill_timeout(name)) + 2.0
     else:
-        state.signal_leader(data, inits.halt_signal(str(data.get("init", "command"))))
+        state.signal_leader(data, inits.halt_signal(str(data.get("init", "command"))), settle=5.0)
         limit = timeout if timeout is not None else _kill_timeout(name)
     if not wait or _wait_gone(data, limit):
         return
@@ -181,7 +181,7 @@ def reboot(name: str, wait: bool = True, timeout: float = 60.0) -> None:
     old_leader = data.get("leader")
     resources.thaw_for_stop(data)
     boots = data.get("boots")
-    state.signal_leader(data, inits.reboot_signal(str(data.get("init", "command"))))
+    state.signal_leader(data, inits.reboot_signal(str(data.get("init", "command"))), settle=5.0)
     if not wait:
         return
     deadline = time.monotonic() + timeout

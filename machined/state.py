@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 
 from machined import linux, paths
 from machined.log import die
@@ -236,9 +237,18 @@ def leader_pidfd(data: dict[str, object]) -> int:
     return fd
 
 
-def signal_leader(data: dict[str, object], sig: int) -> None:
+def signal_leader(data: dict[str, object], sig: int, settle: float = 0.0) -> None:
+    """Signal the machine's init; with settle, first give a just-started init that long to start
+    taking the signal (inits.listens), so that the request is not dropped."""
     fd = leader_pidfd(data)
     try:
+        if settle:
+            from machined import inits
+
+            pid = data["leader"]["pid"]  # type: ignore[index]  # open_process checked it
+            deadline = time.monotonic() + settle
+            while not inits.listens(pid, sig) and time.monotonic() < deadline:
+                time.sleep(0.01)
         linux.pidfd_send_signal(fd, sig)
     except OSError as e:
         if e.errno != errno.ESRCH:

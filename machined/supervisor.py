@@ -159,6 +159,7 @@ class Supervisor:
         self.pending_signals: list[int] = []
         self.stopping = False
         self.kill_deadline: float | None = None
+        self.asking: int | None = None  # a signal for init that it does not take yet
         self.boots = 0
         self.data: dict[str, object] = {"name": plan.name}
         self.saved_tty: list[Any] | None = None
@@ -361,6 +362,8 @@ class Supervisor:
                 timeout = None
                 if self.kill_deadline is not None:
                     timeout = max(0.0, self.kill_deadline - time.monotonic())
+                if self.asking is not None:
+                    timeout = min(timeout if timeout is not None else 0.01, 0.01)
                 for what in self.sel.select(timeout):
                     if what == "child":
                         pid, status = os.waitpid(self.child.pid, os.WNOHANG)
@@ -379,6 +382,8 @@ class Supervisor:
                         self._on_stdin()
                     elif what == "uevent":
                         self._on_uevent()
+                if self.asking is not None:
+                    self._ask_init(self.asking)
                 if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                     self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
                     self._signal_leader(signal.SIGKILL)
@@ -404,10 +409,19 @@ class Supervisor:
             state.write(self.plan.name, self.data)
             resources.thaw_for_stop(self.data)
             if self.plan.boot:
-                self._signal_leader(inits.poweroff_signal(self.plan.init_kind))
+                self._ask_init(inits.poweroff_signal(self.plan.init_kind))
             else:
                 self._signal_leader(sig)
             self.kill_deadline = time.monotonic() + self.plan.kill_timeout
+
+    def _ask_init(self, sig: int) -> None:
+        """Send init its poweroff signal once it takes it: an init still setting up would drop it
+        (inits.listens), and the machine would wait for the kill timeout instead."""
+        self.asking = None
+        if self.child is not None and not inits.listens(self.child.pid, sig):
+            self.asking = sig  # tried again from _loop
+            return
+        self._signal_leader(sig)
 
     def _signal_leader(self, sig: int) -> None:
         if self.child is not None and self.child.pidfd >= 0:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import TOKEN, Env, require_root
-from tests.host import DEBIAN, Host, boot
+from tests.host import DEBIAN, MCTL, Host, boot
 from tests.test_teardown import _wait
 
 pytestmark = pytest.mark.slow
@@ -98,6 +98,12 @@ def gone(host: Host, name: str, machined: bool = True) -> bool:
             and not host.sh(f"systemctl list-units --all --no-legend 'machine-{name}.scope'").strip())
 
 
+def why_not_gone(host: Host, name: str) -> str:
+    """What still knows the machine, for a failure message."""
+    return host.sh(f"{MCTL} list; machinectl list --no-pager; systemctl status --no-pager 'machine-{name}.scope'; "
+                   f"systemd-cgls --no-pager -u 'machine-{name}.scope'; ls -la /run/machined/machines/", check=False)
+
+
 def assert_nothing_left(host: Host, name: str, machined: bool = True) -> None:
     assert gone(host, name, machined)
     left = host.sh(f"ls /run/machined/machines/{name} /run/machined/locks/{name} 2>/dev/null; "
@@ -142,7 +148,7 @@ def test_busybox_registered_and_machinectl_acts(host: Host, inner: Inner) -> Non
 
     host.ok("start", name)
     host.run("machinectl", "kill", name, check=True)  # SIGTERM to every process: the machine stops
-    assert _wait(lambda: gone(host, name), 30), host.running()
+    assert _wait(lambda: gone(host, name), 30), why_not_gone(host, name)
 
     host.ok("start", name)
     host.run("machinectl", "kill", "--kill-whom=leader", "--signal=SIGKILL", name, check=True)
