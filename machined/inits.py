@@ -57,12 +57,15 @@ def halt_signal(kind: str) -> int:
 
 def listens(pid: int, sig: int) -> bool:
     """Whether pid, a namespace's init, would take sig now: the kernel drops a signal such an init
-    neither catches nor blocks (systemd blocks its signals and reads them from a signalfd). Until
-    init has set itself up, a poweroff or reboot request would be lost."""
+    neither catches nor blocks, so a poweroff or reboot asked before init has set itself up would
+    be lost. systemd blocks its signals and reads them from a signalfd; busybox init blocks them
+    and waits in sigtimedwait(), which unblocks them in the mask that /proc shows while it waits."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        mask = int(fields[b"SigBlk"], 16) | int(fields[b"SigCgt"], 16)
+        if (int(fields[b"SigBlk"], 16) | int(fields[b"SigCgt"], 16)) >> (sig - 1) & 1:
+            return True
+        with open(f"/proc/{pid}/wchan", "rb") as f:
+            return b"sigtimedwait" in f.read()
     except (OSError, KeyError, ValueError):
         return True  # gone, or unreadable: sending is what reports it
-    return bool(mask >> (sig - 1) & 1)

@@ -163,8 +163,10 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
         seal_imports()
         step = "set parent death signal"
         linux.set_pdeathsig(signal.SIGKILL)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        # init starts with every signal at its default and none blocked (Python ignores SIGXFSZ)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         if spec.cgroup is not None:
             step = f"join cgroup of {spec.name}"
             spec.cgroup.join_payload(0)
