@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import importlib.util
 import ipaddress
 import os
 import socket
-import sys
 
+import machined
 from machined import linux, nat, netconfig
 from machined.log import MachinedError, die
 
@@ -31,17 +30,7 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 
-def _register_pyroute2() -> None:
-    """pyroute2/__init__.py imports every API the library has (IPDB, NDB, nl80211, WireGuard, ...),
-    measured at 100-200 ms. The package is registered without running it, so only the modules used
-    here (RTNL and their dependencies) load."""
-    if "pyroute2" not in sys.modules:
-        spec = importlib.util.find_spec("pyroute2")
-        if spec is not None and spec.loader is not None:
-            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
-
-
-_register_pyroute2()
+machined.bare_package("pyroute2")  # its __init__ imports every API it has (IPDB, NDB, nl80211, ...): 100-200 ms
 from pyroute2.iproute.linux import AsyncIPRoute  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""systemd integration over the system bus (dbus-fast, asyncio), as systemd-nspawn does it.
+"""systemd integration over the system bus (dbus-fast), as systemd-nspawn does it.
 
 Where PID 1 is systemd (/run/systemd/system exists; MACHINED_SYSTEMD=no forces the cgroupfs path):
   - a machine's cgroup is machine-NAME.scope, a transient scope in machine.slice made with
@@ -16,7 +16,7 @@ goes, and the scope, empty, goes too; the next mctl call (TEARDOWN step "systemd
 whatever is left in the scope, unregisters the machine if it is still ours and waits until the unit
 is gone, so that the name is free for the next start.
 
-dbus_fast, and asyncio with it, is imported on this path only.
+dbus-fast is imported on this path only (its message modules, not its asyncio bus: see Bus).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import os
 import signal
 import time
 
+import machined
 from machined import cgroups
 from machined.log import MachinedError, fail
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterable
+    from collections.abc import Iterable
     from typing import Any
 
     from machined.config import Resources
@@ -133,73 +134,87 @@ class CallError(Exception):
 
 
 class Bus:
-    """One connection to the system bus, used blocking: each call runs the private event loop until
-    its reply (signals wanted meanwhile are kept). Nothing runs the loop between calls, so the
-    connection subscribes to nothing it does not wait for."""
+    """One blocking connection to the system bus. dbus-fast marshals and parses the messages; its
+    transports are asyncio's and GLib's, and importing asyncio with it costs tens of milliseconds on
+    the start path, so the socket is driven here: connect, EXTERNAL auth, Hello, then each call
+    sends and reads until its reply (JobRemoved signals read meanwhile are kept)."""
 
     def __init__(self) -> None:
-        import asyncio
+        import socket
 
-        import dbus_fast
-        from dbus_fast.aio import MessageBus
+        machined.bare_package("dbus_fast")  # its __init__ imports the asyncio bus and everything else
+        import dbus_fast.errors  # noqa: F401 - first, as its __init__ has it: the modules import each other
+        from dbus_fast._private.unmarshaller import Unmarshaller
+        from dbus_fast.constants import MessageType
+        from dbus_fast.message import Message
+        from dbus_fast.signature import Variant
 
-        self._asyncio = asyncio
-        self._dbus = dbus_fast
-        self.loop = asyncio.new_event_loop()
+        self._message, self._variant, self._types = Message, Variant, MessageType
         self.jobs: dict[str, str] = {}   # job path -> result, from JobRemoved
-        self.job_done = asyncio.Event()
-
-        async def connect() -> Any:
-            return await MessageBus(bus_type=dbus_fast.BusType.SYSTEM).connect()
-
+        self.serial = 0
+        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(TIMEOUT)
         try:
-            self.bus = self._run(connect())
-        except (OSError, TimeoutError, dbus_fast.errors.DBusFastError) as e:
-            self.loop.close()
+            self.sock.connect(_socket_address(address))
+            # EXTERNAL: the bus knows our uid from the socket; we claim it (hex of its decimal digits).
+            self.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+            answer = b""
+            while not answer.endswith(b"\r\n"):
+                chunk = self.sock.recv(256)
+                if not chunk:
+                    raise ConnectionResetError("the bus closed the connection")
+                answer += chunk
+            if not answer.startswith(b"OK "):
+                raise ConnectionRefusedError(f"authentication refused ({answer.decode(errors='replace').strip()})")
+            self.sock.sendall(b"BEGIN\r\n")
+            self.reader = Unmarshaller(sock=self.sock, negotiate_unix_fd=False)
+            self.call(DBUS, "Hello")
+        except (OSError, ValueError, CallError) as e:
+            self.sock.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-            address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
             raise NoBus(f"Failed to connect to the system bus at {address}: {reason}",
                         hint="is dbus running?") from None
-        self.bus.add_message_handler(self._on_message)
 
-    def _run(self, coro: Coroutine[Any, Any, Any], timeout: float = TIMEOUT) -> Any:
+    def _next(self) -> Any:
         try:
-            return self.loop.run_until_complete(self._asyncio.wait_for(coro, timeout))
+            msg = self.reader.unmarshall()
         except TimeoutError:
-            raise TimeoutError(f"no answer within {timeout:.0f} s") from None
+            raise CallError("org.freedesktop.DBus.Error.Timeout", f"no answer within {TIMEOUT:.0f} s") from None
+        except (OSError, EOFError) as e:
+            raise CallError("org.freedesktop.DBus.Error.Disconnected", str(e) or "the bus went away") from None
+        if msg is None:  # only a non-blocking socket runs dry
+            raise CallError("org.freedesktop.DBus.Error.Disconnected", "the bus went away")
+        if msg.message_type == self._types.SIGNAL and msg.member == "JobRemoved" \
+                and msg.interface == SYSTEMD[2] and len(msg.body) == 4:
+            self.jobs[msg.body[1]] = msg.body[3]
+        return msg
 
     def call(self, target: tuple[str, str, str], member: str, signature: str = "", body: Iterable[Any] = (),
              path: str | None = None) -> list[Any]:
         """Call a method; its reply's body, or CallError with the error's name and text."""
         dest, default_path, interface = target
-        msg = self._dbus.Message(destination=dest, path=path or default_path, interface=interface, member=member,
-                                 signature=signature, body=list(body))
+        self.serial += 1
+        msg = self._message(destination=dest, path=path or default_path, interface=interface, member=member,
+                            signature=signature, body=list(body), serial=self.serial)
         try:
-            reply = self._run(self.bus.call(msg))
-        except (OSError, EOFError, self._dbus.errors.DBusFastError) as e:
-            raise CallError("org.freedesktop.DBus.Error.Disconnected", str(e) or type(e).__name__) from None
-        except TimeoutError as e:
-            raise CallError("org.freedesktop.DBus.Error.Timeout", str(e)) from None
-        if reply.message_type == self._dbus.MessageType.ERROR:
-            raise CallError(reply.error_name or "", str(reply.body[0]) if reply.body else reply.error_name or "")
-        return list(reply.body)
+            self.sock.sendall(msg._marshall(False))
+        except OSError as e:
+            raise CallError("org.freedesktop.DBus.Error.Disconnected", e.strerror or str(e)) from None
+        while True:
+            reply = self._next()
+            if reply.reply_serial != self.serial or reply.message_type not in (
+                    self._types.METHOD_RETURN, self._types.ERROR):
+                continue
+            if reply.message_type == self._types.ERROR:
+                raise CallError(reply.error_name or "", str(reply.body[0]) if reply.body else reply.error_name or "")
+            return list(reply.body)
 
     def get(self, target: tuple[str, str, str], path: str, interface: str, prop: str) -> Any:
         return self.call((target[0], path, PROPERTIES), "Get", "ss", [interface, prop])[0].value
 
     def variants(self, props: Iterable[tuple[str, str, Any]]) -> list[list[Any]]:
-        return [[key, self._dbus.Variant(sig, bytes(value) if sig == "ay" else value)] for key, sig, value in props]
-
-    def _on_message(self, msg: Any) -> None:
-        if msg.member == "JobRemoved" and msg.interface == SYSTEMD[2] and len(msg.body) == 4:
-            self.jobs[msg.body[1]] = msg.body[3]
-            self.job_done.set()
-
-    async def _job_result(self, job: str) -> str:
-        while job not in self.jobs:
-            self.job_done.clear()
-            await self.job_done.wait()
-        return self.jobs.pop(job)
+        return [[key, self._variant(sig, bytes(value) if sig == "ay" else value)] for key, sig, value in props]
 
     def start_transient(self, unit: str, props: list[tuple[str, str, Any]]) -> None:
         """StartTransientUnit, waiting for its job (JobRemoved: the match is added before the call,
@@ -208,10 +223,9 @@ class Bus:
         try:
             job = self.call(SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))",
                             [unit, "fail", self.variants(props), []])[0]
-            try:
-                result = self._run(self._job_result(job))
-            except TimeoutError as e:
-                raise CallError("org.freedesktop.DBus.Error.Timeout", f"its start job: {e}") from None
+            while job not in self.jobs:
+                self._next()
+            result = self.jobs.pop(job)
             if result != "done":
                 raise CallError("org.freedesktop.systemd1.JobFailed", f"its start job ended '{result}'")
         finally:
@@ -221,12 +235,22 @@ class Bus:
                 pass
 
     def close(self) -> None:
-        self.bus.disconnect()
-        try:
-            self.loop.run_until_complete(self._asyncio.wait_for(self.bus.wait_for_disconnect(), 1.0))
-        except Exception:  # noqa: BLE001 - closing: whatever the bus says now does not matter
-            pass
-        self.loop.close()
+        self.sock.close()
+
+
+def _socket_address(address: str) -> str | bytes:
+    """The first unix: address of a D-Bus server address list (path= or abstract=)."""
+    for entry in address.split(";"):
+        kind, _, params = entry.partition(":")
+        if kind != "unix":
+            continue
+        for param in params.split(","):
+            key, _, value = param.partition("=")
+            if key == "path":
+                return value
+            if key == "abstract":
+                return b"\0" + value.encode()
+    raise ValueError(f"no unix: socket in {address!r}")
 
 
 def _reason(e: CallError) -> str:
@@ -253,7 +277,7 @@ def _own_unit() -> str:
 class Agent:
     """A helper process that holds the machine's system-bus connection and does its D-Bus work.
 
-    Importing dbus-fast (with asyncio) takes tens of milliseconds: forked when mctl starts
+    Importing dbus-fast and connecting takes milliseconds: forked when mctl starts
     (prefork), the agent does that and connects on another CPU while mctl gets the machine ready,
     then creates the scope and registers the machine for the supervisor. It lives in the scope for
     the machine's life (its connection holds the scope's AddRef), and unregisters the machine and
