@@ -141,6 +141,7 @@ class Bus:
 
     def __init__(self) -> None:
         import socket
+        import sys
 
         machined.bare_package("dbus_fast")  # its __init__ imports the asyncio bus and everything else
         import dbus_fast.errors  # noqa: F401 - first, as its __init__ has it: the modules import each other
@@ -154,7 +155,11 @@ class Bus:
         self.serial = 0
         address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(TIMEOUT)
+        # A kernel timeout, not settimeout(): a read that times out is then EAGAIN, which dbus-fast's
+        # parser reports as "no message yet" (its compiled code fails on a timeout's errno of None).
+        timeval = int(TIMEOUT).to_bytes(8, sys.byteorder) + bytes(8)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
             self.sock.connect(_socket_address(address))
             # EXTERNAL: the bus knows our uid from the socket; we claim it (hex of its decimal digits).
@@ -168,23 +173,23 @@ class Bus:
             if not answer.startswith(b"OK "):
                 raise ConnectionRefusedError(f"authentication refused ({answer.decode(errors='replace').strip()})")
             self.sock.sendall(b"BEGIN\r\n")
-            self.reader = Unmarshaller(sock=self.sock, negotiate_unix_fd=False)
+            self.reader = Unmarshaller(None, self.sock, False)  # (stream, sock, negotiate_unix_fd)
             self.call(DBUS, "Hello")
         except (OSError, ValueError, CallError) as e:
             self.sock.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            if isinstance(e, BlockingIOError):
+                reason = f"no answer within {TIMEOUT:.0f} s"
             raise NoBus(f"Failed to connect to the system bus at {address}: {reason}",
                         hint="is dbus running?") from None
 
     def _next(self) -> Any:
         try:
             msg = self.reader.unmarshall()
-        except TimeoutError:
-            raise CallError("org.freedesktop.DBus.Error.Timeout", f"no answer within {TIMEOUT:.0f} s") from None
         except (OSError, EOFError) as e:
             raise CallError("org.freedesktop.DBus.Error.Disconnected", str(e) or "the bus went away") from None
-        if msg is None:  # only a non-blocking socket runs dry
-            raise CallError("org.freedesktop.DBus.Error.Disconnected", "the bus went away")
+        if msg is None:  # EAGAIN: SO_RCVTIMEO ran out
+            raise CallError("org.freedesktop.DBus.Error.Timeout", f"no answer within {TIMEOUT:.0f} s")
         if msg.message_type == self._types.SIGNAL and msg.member == "JobRemoved" \
                 and msg.interface == SYSTEMD[2] and len(msg.body) == 4:
             self.jobs[msg.body[1]] = msg.body[3]

@@ -3,6 +3,9 @@ and mctl enable/disable against directories of the test's own (on this host syst
 
 from __future__ import annotations
 
+import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from machined import binds, config, devices, systemd
 from machined.log import MachinedError
 from machined.supervisor import Plan
-from tests.conftest import REPO, Env
+from tests.conftest import REPO, TOKEN, Env
 from tests.test_bad_input import assert_clean_error
 
 
@@ -114,3 +117,63 @@ def test_enable_bad_input(env: Env, tmp_path: Path) -> None:
     assert_clean_error(env.mctl("enable", env.name(), env=e), "No machine named")
     assert_clean_error(env.mctl("enable", "../x", env=e), "Invalid machine name")
     assert (env.tree(), sorted(tmp_path.rglob("*"))) == before
+
+
+@pytest.fixture
+def bus_daemon(tmp_path: Path) -> Iterator[str]:
+    """A real dbus-daemon of the test's own, listening on a path and on an abstract socket."""
+    conf = tmp_path / "bus.conf"
+    conf.write_text(
+        "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n"
+        " \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n"
+        f"<busconfig><type>session</type><listen>unix:path={tmp_path}/bus</listen>"
+        f"<listen>unix:abstract=/machined-test/{TOKEN}</listen><auth>EXTERNAL</auth>"
+        "<policy context=\"default\"><allow send_destination=\"*\"/><allow receive_sender=\"*\"/><allow own=\"*\"/>"
+        "</policy></busconfig>\n")
+    proc = subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={conf}", "--print-address"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("unix:")
+        yield str(tmp_path / "bus")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_bus_client_talks_to_a_real_bus(bus_daemon: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd.Bus drives the socket itself (dbus-fast marshals): path and abstract addresses, the
+    first usable entry of a list, replies, properties, error replies and no bus at all."""
+    for address in (f"unix:path={bus_daemon}", f"unix:abstract=/machined-test/{TOKEN}",
+                    f"tcp:host=localhost,port=1;unix:path={bus_daemon}"):
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+        bus = systemd.Bus()
+        try:
+            assert re.fullmatch(r"[0-9a-f]{32}", bus.call(systemd.DBUS, "GetId")[0])
+            assert "org.freedesktop.DBus" in bus.call(systemd.DBUS, "ListNames")[0]
+            assert "org.freedesktop.DBus.Monitoring" in bus.get(systemd.DBUS, systemd.DBUS[1], systemd.DBUS[2],
+                                                                "Interfaces")
+            with pytest.raises(systemd.CallError) as e:
+                bus.call(systemd.MACHINED, "ListMachines")
+            assert e.value.name == "org.freedesktop.DBus.Error.ServiceUnknown"
+            assert bus.call(systemd.DBUS, "NameHasOwner", "s", ["org.freedesktop.DBus"]) == [True]  # still in step
+        finally:
+            bus.close()
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={bus_daemon}.missing")
+    with pytest.raises(systemd.NoBus, match=r"Failed to connect to the system bus at unix:path=.*No such file"):
+        systemd.Bus()
+
+
+def test_bus_that_does_not_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bus socket nobody answers on: a clear error once the timeout ran out, not a hang."""
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "mute"))
+    server.listen()
+    monkeypatch.setattr(systemd, "TIMEOUT", 1.0)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/mute")
+    try:
+        with pytest.raises(systemd.NoBus, match=r"system bus at unix:path=.*/mute: no answer within 1 s"):
+            systemd.Bus()
+    finally:
+        server.close()
