@@ -141,7 +141,7 @@ class Bus:
 
     def __init__(self) -> None:
         import socket
-        import sys
+        import struct
 
         machined.bare_package("dbus_fast")  # its __init__ imports the asyncio bus and everything else
         import dbus_fast.errors  # noqa: F401 - first, as its __init__ has it: the modules import each other
@@ -157,7 +157,7 @@ class Bus:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # A kernel timeout, not settimeout(): a read that times out is then EAGAIN, which dbus-fast's
         # parser reports as "no message yet" (its compiled code fails on a timeout's errno of None).
-        timeval = int(TIMEOUT).to_bytes(8, sys.byteorder) + bytes(8)
+        timeval = struct.pack("ll", int(TIMEOUT), int(TIMEOUT % 1 * 1e6))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
@@ -183,12 +183,16 @@ class Bus:
             raise NoBus(f"Failed to connect to the system bus at {address}: {reason}",
                         hint="is dbus running?") from None
 
-    def _next(self) -> Any:
-        try:
-            msg = self.reader.unmarshall()
-        except (OSError, EOFError) as e:
-            raise CallError("org.freedesktop.DBus.Error.Disconnected", str(e) or "the bus went away") from None
-        if msg is None:  # EAGAIN: SO_RCVTIMEO ran out
+    def _next(self, deadline: float) -> Any:
+        """The next message; a timeout once deadline has passed (other messages may come first)."""
+        if time.monotonic() > deadline:
+            msg = None
+        else:
+            try:
+                msg = self.reader.unmarshall()
+            except (OSError, EOFError) as e:
+                raise CallError("org.freedesktop.DBus.Error.Disconnected", str(e) or "the bus went away") from None
+        if msg is None:  # or EAGAIN: SO_RCVTIMEO ran out
             raise CallError("org.freedesktop.DBus.Error.Timeout", f"no answer within {TIMEOUT:.0f} s")
         if msg.message_type == self._types.SIGNAL and msg.member == "JobRemoved" \
                 and msg.interface == SYSTEMD[2] and len(msg.body) == 4:
@@ -206,8 +210,9 @@ class Bus:
             self.sock.sendall(msg._marshall(False))
         except OSError as e:
             raise CallError("org.freedesktop.DBus.Error.Disconnected", e.strerror or str(e)) from None
+        deadline = time.monotonic() + TIMEOUT
         while True:
-            reply = self._next()
+            reply = self._next(deadline)
             if reply.reply_serial != self.serial or reply.message_type not in (
                     self._types.METHOD_RETURN, self._types.ERROR):
                 continue
@@ -228,8 +233,9 @@ class Bus:
         try:
             job = self.call(SYSTEMD, "StartTransientUnit", "ssa(sv)a(sa(sv))",
                             [unit, "fail", self.variants(props), []])[0]
+            deadline = time.monotonic() + TIMEOUT
             while job not in self.jobs:
-                self._next()
+                self._next(deadline)
             result = self.jobs.pop(job)
             if result != "done":
                 raise CallError("org.freedesktop.systemd1.JobFailed", f"its start job ended '{result}'")
