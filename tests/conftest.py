@@ -147,13 +147,17 @@ class Env:
     def ok(self, *args: str, timeout: float = 120) -> str:
         return self.mctl(*args, check=True, timeout=timeout).stdout
 
-    def tree(self) -> dict[str, tuple[int, int, int]]:
-        """Everything under the test's directories: path -> (mode, size, mtime_ns); to show nothing changed."""
+    def tree(self, *running: str) -> dict[str, tuple[int, int, int]]:
+        """Everything under the test's directories: path -> (mode, size, mtime_ns); to show nothing changed.
+        What running machines write themselves (their root file systems, console logs) is left out."""
         result: dict[str, tuple[int, int, int]] = {}
+        skip = {str(self.images / n) for n in running} | {str(self.runtime / "logs" / f"{n}.log") for n in running}
         for top in (self.images, self.config, self.runtime, self.cache):
             if not top.exists():
                 continue
             for dirpath, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in skip]
+                files = [f for f in files if os.path.join(dirpath, f) not in skip]
                 for f in dirs + files:
                     p = os.path.join(dirpath, f)
                     st = os.lstat(p)
