@@ -147,6 +147,11 @@ class Env:
     def ok(self, *args: str, timeout: float = 120) -> str:
         return self.mctl(*args, check=True, timeout=timeout).stdout
 
+    def settings(self, name: str, text: str) -> None:
+        """Append text to machine name's settings file."""
+        with open(self.config / f"{name}.toml", "a") as f:
+            f.write(text)
+
     def tree(self, *running: str) -> dict[str, tuple[int, int, int]]:
         """Everything under the test's directories: path -> (mode, size, mtime_ns); to show nothing changed.
         What running machines write themselves (their root file systems, console logs) is left out."""

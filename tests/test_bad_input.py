@@ -27,6 +27,18 @@ def assert_clean_error(r: object, *words: str) -> None:
         assert w in r.stderr, (w, r.stderr)
 
 
+def assert_settings_refused(env: Env, settings: str, *words: str, verbs: tuple[str, ...] = ("start",)) -> None:
+    """A busybox machine with settings appended: each verb fails with a one-line error naming words,
+    and nothing changes on disk or runs."""
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    env.settings(name, settings)
+    before = env.tree()
+    for verb in verbs:
+        assert_clean_error(env.mctl(verb, name), *words)
+    assert env.tree() == before and env.running() == []
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
 @pytest.mark.parametrize("verb", ["create", "start", "remove", "shell", "poweroff", "show"])
 def test_invalid_names(env: Env, name: str, verb: str) -> None:

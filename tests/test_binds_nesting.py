@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Env
-from tests.test_bad_input import assert_clean_error
+from tests.test_bad_input import assert_clean_error, assert_settings_refused
 
 pytestmark = pytest.mark.root
-
-
-def _settings(env: Env, name: str, text: str) -> None:
-    with open(env.config / f"{name}.toml", "a") as f:
-        f.write(text)
 
 
 def test_binds_read_only_read_write_and_file(env: Env, tmp_path: Path) -> None:
@@ -24,7 +19,7 @@ def test_binds_read_only_read_write_and_file(env: Env, tmp_path: Path) -> None:
     (src / "sub").mkdir(parents=True)
     (src / "data").write_text("hello\n")
     (tmp_path / "file").write_text("a file\n")
-    _settings(env, name, f'bind = ["{src}:/mnt/ro:ro", "{src}:/srv/rw", "{tmp_path}/file:/etc/bound"]\n')
+    env.settings(name, f'bind = ["{src}:/mnt/ro:ro", "{src}:/srv/rw", "{tmp_path}/file:/etc/bound"]\n')
     env.ok("start", name)
     assert env.ok("shell", name, "--", "cat", "/mnt/ro/data", "/srv/rw/data", "/etc/bound") == "hello\nhello\na file\n"
     r = env.mctl("shell", name, "--", "touch", "/mnt/ro/x")
@@ -49,18 +44,13 @@ def test_binds_read_only_read_write_and_file(env: Env, tmp_path: Path) -> None:
     ("/a:/b:ro:extra", "is not SOURCE"),
 ])
 def test_bad_bind_settings(env: Env, entry: str, why: str) -> None:
-    name = env.name()
-    env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f'bind = ["{entry}"]\n')
-    before = env.tree()
-    assert_clean_error(env.mctl("start", name), "Invalid configuration", why)
-    assert env.tree() == before and env.running() == []
+    assert_settings_refused(env, f'bind = ["{entry}"]\n', "Invalid configuration", why)
 
 
 def test_bind_source_missing_or_target_a_symlink(env: Env, tmp_path: Path) -> None:
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f'bind = ["{tmp_path}/nonexistent:/mnt/x"]\n')
+    env.settings(name, f'bind = ["{tmp_path}/nonexistent:/mnt/x"]\n')
     before = env.tree()
     assert_clean_error(env.mctl("start", name), "bind source", "does not exist")
     assert env.tree() == before
@@ -82,7 +72,7 @@ def test_nesting_makes_the_machines_own_cgroups_writable(env: Env) -> None:
     plain, nested = env.name(), env.name()
     for name in (plain, nested):
         env.ok("create", name, "--template", "busybox")
-    _settings(env, nested, "nesting = true\n")
+    env.settings(nested, "nesting = true\n")
     env.ok("start", plain, nested)
     probe = "mkdir /sys/fs/cgroup/memory/probe && echo 8M > /sys/fs/cgroup/memory/probe/memory.limit_in_bytes"
     r = env.mctl("shell", plain, "--", "sh", "-c", probe)

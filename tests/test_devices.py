@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOKEN, Env
-from tests.test_bad_input import assert_clean_error
+from tests.test_bad_input import assert_clean_error, assert_settings_refused
 
 pytestmark = pytest.mark.root
 
@@ -80,11 +80,6 @@ def _minor(device: str) -> int:
     return os.minor(os.stat(device).st_rdev)
 
 
-def _settings(env: Env, name: str, text: str) -> None:
-    cfg = env.config / f"{name}.toml"
-    cfg.write_text(cfg.read_text() + text)
-
-
 def _devices(env: Env, name: str) -> dict[str, str]:
     """path -> origin, from the machine's device list as show reports it."""
     status = env.ok("status", name)
@@ -116,7 +111,7 @@ def check_allowlist_and_bind(env: Env, loops: Callable[[], tuple[str, Path]], la
     (a, a_file), (b, b_file) = loops(), loops()
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f'\n[devices]\nallow = ["{a} rw"]\n')
+    env.settings(name, f'\n[devices]\nallow = ["{a} rw"]\n')
     r = env.mctl("start", name, env=env.environ(**extra))
     assert r.returncode == 0, r.stderr
     # The allowed node is there, with the host's mode, and reads and writes reach the host's device.
@@ -172,7 +167,7 @@ def test_device_class(env: Env, loops: Callable[[], tuple[str, Path]]) -> None:
     a_file.write_bytes(b"class-ok".ljust(1 << 20, b"\0"))
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    _settings(env, name, '\n[devices]\nallow = ["block-loop r"]\n')
+    env.settings(name, '\n[devices]\nallow = ["block-loop r"]\n')
     env.ok("start", name)
     env.ok("shell", name, "--", "mknod", "/dev/anyloop", "b", "7", str(_minor(a)))
     assert env.ok("shell", name, "--", "head", "-c", "8", "/dev/anyloop") == "class-ok"
@@ -190,7 +185,7 @@ def test_hotplug_in_and_out(env: Env, loop_slot: int, tmp_path: Path, layout: st
     name = env.name()
     env.ok("create", name, "--template", "busybox")
     # Matched on the kernel's uevent property DEVNAME (udev's spelling, with /dev): only this test's device.
-    _settings(env, name, f'\n[devices]\nhotplug = ["subsystem=block devtype=disk DEVNAME={node} access=rw"]\n')
+    env.settings(name, f'\n[devices]\nhotplug = ["subsystem=block devtype=disk DEVNAME={node} access=rw"]\n')
     r = env.mctl("start", name, env=env.environ(**extra))
     assert r.returncode == 0, r.stderr
     assert env.mctl("shell", name, "--", "test", "-e", node).returncode == 1
@@ -219,7 +214,7 @@ def test_hotplug_device_present_at_start(env: Env, loop_slot: int, tmp_path: Pat
     _attach(backing, node)
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f'\n[devices]\nhotplug = ["kernel=loop{loop_slot} access=r"]\n')
+    env.settings(name, f'\n[devices]\nhotplug = ["kernel=loop{loop_slot} access=r"]\n')
     env.ok("start", name)
     assert env.ok("shell", name, "--", "head", "-c", "7", node) == "present"
     assert _denied(env.mctl("shell", name, "--", "sh", "-c", f"echo x > {node}"))
@@ -234,13 +229,7 @@ def test_hotplug_device_present_at_start(env: Env, loop_slot: int, tmp_path: Pat
     ('"char-no_such_driver"', ("devices.allow", "no_such_driver", "/proc/devices")),
 ])
 def test_bad_device_settings_at_start(env: Env, entry: str, words: tuple[str, ...]) -> None:
-    name = env.name()
-    env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f"\n[devices]\nallow = [{entry}]\n")
-    before = env.tree()
-    assert_clean_error(env.mctl("start", name), *words)
-    assert env.tree() == before
-    assert env.running() == []
+    assert_settings_refused(env, f"\n[devices]\nallow = [{entry}]\n", *words)
 
 
 @pytest.mark.parametrize("body, words", [
@@ -253,13 +242,7 @@ def test_bad_device_settings_at_start(env: Env, entry: str, words: tuple[str, ..
     ('hotplug = ["kernel=loop1 access=q"]', ("access 'q'",)),
 ])
 def test_bad_device_settings_refused(env: Env, body: str, words: tuple[str, ...]) -> None:
-    name = env.name()
-    env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f"\n[devices]\n{body}\n")
-    before = env.tree()
-    for verb in ("start", "show"):
-        assert_clean_error(env.mctl(verb, name), "Invalid configuration", *words)
-    assert env.tree() == before
+    assert_settings_refused(env, f"\n[devices]\n{body}\n", "Invalid configuration", *words, verbs=("start", "show"))
 
 
 def test_bad_bind_requests(env: Env, loops: Callable[[], tuple[str, Path]]) -> None:

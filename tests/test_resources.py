@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Env
-from tests.test_bad_input import assert_clean_error
+from tests.test_bad_input import assert_clean_error, assert_settings_refused
 
 pytestmark = pytest.mark.root
 
@@ -30,11 +30,6 @@ def _scope(name: str, hierarchy: str) -> Path:
 
 def _read(path: Path) -> str:
     return path.read_text().strip()
-
-
-def _settings(env: Env, name: str, text: str) -> None:
-    cfg = env.config / f"{name}.toml"
-    cfg.write_text(cfg.read_text() + text)
 
 
 def _status(env: Env, name: str) -> dict[str, str]:
@@ -74,7 +69,7 @@ def _oom_kills(scope: Path) -> int:
 def test_memory_hog_is_oom_killed_inside(env: Env) -> None:
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    _settings(env, name, '\n[resources]\nmemory_max = "64M"\n')
+    env.settings(name, '\n[resources]\nmemory_max = "64M"\n')
     env.ok("start", name)
     scope = _scope(name, "memory")
     assert int(_read(scope / "memory.limit_in_bytes")) == 64 << 20
@@ -99,7 +94,7 @@ def test_memory_hog_is_oom_killed_inside(env: Env) -> None:
 def test_fork_bomb_is_contained(env: Env) -> None:
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    _settings(env, name, "\n[resources]\ntasks_max = 100\n")
+    env.settings(name, "\n[resources]\ntasks_max = 100\n")
     env.ok("start", name)
     scope = _scope(name, "pids")
     assert _read(scope / "pids.max") == "100"
@@ -278,12 +273,7 @@ def test_bad_limits(env: Env) -> None:
     ("io_weight = 20000", ("between 1 and 10000",)),
 ])
 def test_bad_resource_settings(env: Env, body: str, words: tuple[str, ...]) -> None:
-    name = env.name()
-    env.ok("create", name, "--template", "busybox")
-    _settings(env, name, f"\n[resources]\n{body}\n")
-    before = env.tree()
-    assert_clean_error(env.mctl("start", name), *words)
-    assert env.tree() == before
+    assert_settings_refused(env, f"\n[resources]\n{body}\n", *words)
 
 
 def test_frozen_machine_of_killed_supervisor_is_cleaned_up(env: Env) -> None:
