@@ -392,7 +392,7 @@ def verb_freeze(a: argparse.Namespace) -> int:
     from machined import resources
 
     for name in a.names:
-        (resources.freeze if a.verb == "freeze" else resources.thaw)(name)
+        resources.freeze(name, frozen=a.verb == "freeze")
     return 0
 
 

@@ -343,20 +343,13 @@ def _machine_cgroup(data: dict[str, object]) -> MachineCgroup:
     return cgroups.MachineCgroup.from_state(cg)
 
 
-def freeze(name: str) -> None:
+def freeze(name: str, frozen: bool = True) -> None:
+    """Freeze (or, not frozen, thaw) every process of the running machine name."""
     cg = _machine_cgroup(state.require_running(name))
     try:
-        _set_frozen(cg, True)
+        _set_frozen(cg, frozen)
     except OSError as e:
-        fail(f"freeze {name}", e)
-
-
-def thaw(name: str) -> None:
-    cg = _machine_cgroup(state.require_running(name))
-    try:
-        _set_frozen(cg, False)
-    except OSError as e:
-        fail(f"thaw {name}", e)
+        fail(f"{'freeze' if frozen else 'thaw'} {name}", e)
 
 
 def thaw_for_stop(data: dict[str, object]) -> None:
