@@ -55,8 +55,8 @@ class Spec:
         self.bind_machine_id = bind_machine_id
         self.overlay = overlay          # an overlayfs root (overlay image, ephemeral run) instead of a bind mount
         self.nesting = nesting          # cgroup controllers writable: the guest may manage containers itself
-        # Runs in the parent once the child's namespaces exist, before the child builds its root
-        # (network set-up moves links in here); gets the child's host pid.
+        # Runs in the parent once the child's namespaces exist, while the child builds its root,
+        # which execs only after them (network set-up moves links in here); gets the child's host pid.
         self.on_namespaces: list[Callable[[int], None]] = []
         # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
         self.in_child: list[Callable[[int], None]] = []
@@ -117,9 +117,20 @@ def spawn(spec: Spec) -> Child:
     try:
         msg = _read_msg(status_r)
         if msg == b"N":
-            for hook in spec.on_namespaces:
-                hook(pid)
-            os.write(go_w, b"G")
+            try:
+                for hook in spec.on_namespaces:
+                    hook(pid)
+            except BaseException:
+                os.close(go_w)  # the child gives up at its wait, if it got that far
+                go_w = -1
+                said = _read_msg(status_r)
+                if said[:1] == b"E":  # it failed first, which may be why the hook did
+                    raise MachinedError(said[1:].decode(errors="replace")) from None
+                raise
+            try:
+                os.write(go_w, b"G")
+            except BrokenPipeError:
+                pass  # the child failed meanwhile: its message follows
             msg = _read_msg(status_r)
         if msg:
             raise MachinedError(msg[1:].decode(errors="replace") if msg[:1] == b"E" else f"protocol error {msg!r}")
@@ -128,7 +139,8 @@ def spawn(spec: Spec) -> Child:
         raise
     finally:
         os.close(status_r)
-        os.close(go_w)
+        if go_w >= 0:
+            os.close(go_w)
     return child
 
 
@@ -178,10 +190,7 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
             flags &= ~nstype
         linux.unshare(flags)
         if spec.on_namespaces:
-            os.write(status_w, b"N")
-            if os.read(go_r, 1) != b"G":
-                os._exit(1)
-        os.close(go_r)
+            os.write(status_w, b"N")  # the parent's hooks run while we build the root
         if flags & linux.CLONE_NEWUTS:  # a joined UTS namespace keeps its (the pod's) name
             step = "set hostname"
             linux.sethostname(spec.name)
@@ -209,6 +218,9 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
         mounts.enter_root(spec.rootfs)
         step = "drop capabilities"
         security.drop_capabilities(("NET_ADMIN",))
+        if spec.on_namespaces and os.read(go_r, 1) != b"G":
+            os._exit(1)  # the parent's hooks failed: it reports that
+        os.close(go_r)
         step = "set up the terminal"
         os.setsid()
         if spec.console:
