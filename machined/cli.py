@@ -13,7 +13,7 @@ def _prewarm_if_starting() -> None:
     """Starting a machine moves processes between cgroups, and the kernel's first move after a
     quiet spell waits for an RCU grace period (~15 ms here): begin that wait now, before the
     imports below, so that it overlaps with them (see cgroups.prewarm). Before that thread, for a
-    start or run of one machine, fork the helpers that load asyncio and a library on another CPU
+    start or run of one machine, fork the helpers that load their libraries on another CPU
     meanwhile: where systemd runs the machine's D-Bus agent (see systemd.prefork), and where its
     network has links its network helper (see netagent)."""
     words: list[str] = []

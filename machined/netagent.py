@@ -1,7 +1,7 @@
 """A machine's network helper: a process that does the machine's netlink work for its supervisor.
 
-Importing asyncio and pyroute2 (machined.netlink) takes about 80 ms, longer than mctl needs to get
-a machine to the point where its network namespace exists. So mctl forks the helper first thing
+Importing pyroute2's message classes (machined.netlink) takes about 25 ms, which would all be on a
+start's critical path in mctl or the supervisor. So mctl forks the helper first thing
 when it starts or runs one machine whose network has links (prefork: decided from the command line
 and the machine's settings file, read without tomllib where it can be), and the helper imports them
 on the other CPU meanwhile. The supervisor then asks it for each netlink step (attach_veth,
@@ -17,12 +17,13 @@ supervisor waits until the helper has finished the step it was doing (wait_gone)
 from __future__ import annotations
 
 import os
+import sys
 
 from machined.log import MachinedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    import _socket
     from typing import Any, NoReturn
 
 TIMEOUT = 60.0  # for one step; a helper that takes longer is stuck
@@ -65,7 +66,7 @@ class Agent:
                 os._exit(0)
         os.close(theirs)
         self.fd = ours
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)  # before anyone could reap it: it is our child
         self.creator = os.getpid()
@@ -78,25 +79,26 @@ class Agent:
             atexit.register(_close_all)
         _agents.append(self)
 
-    def _socket(self) -> socket.socket:
-        import socket
+    def _socket(self) -> _socket.socket:
+        import _socket  # (not socket: its enums cost ~2 ms of a start)
 
         if self._sock is None:
             if self.fd < 0:
                 raise HelperGone(f"Failed to set up the network of {self.machine}: its network helper is closed")
-            self._sock = socket.socket(fileno=self.fd)
+            self._sock = _socket.socket(fileno=self.fd)
             self._sock.settimeout(TIMEOUT)
         return self._sock
 
     def send(self, op: str, netns: int = -1, **args: Any) -> None:
         """Ask the helper to do op (a function of machined.netlink), with the network namespace netns."""
+        import _socket
         import json
-        import socket
 
         self.used = True
         self.op = op
+        fds = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns.to_bytes(4, sys.byteorder))] if netns >= 0 else []
         try:
-            socket.send_fds(self._socket(), [json.dumps({"op": op, **args}).encode()], [netns] if netns >= 0 else [])
+            self._socket().sendmsg([json.dumps({"op": op, **args}).encode()], fds)
         except OSError as e:
             self._gone(e)
 

@@ -1,5 +1,5 @@
 """The network helper (machined.netagent): forked as mctl starts or runs a machine whose network has
-links, it alone loads asyncio and pyroute2 and does the machine's netlink work; it holds nothing of
+links, it alone loads pyroute2 and does the machine's netlink work; it holds nothing of
 mctl's, and no path (stop, run, a killed supervisor, a start that fails anywhere) leaves it behind."""
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ def maps_asyncio(pid: object) -> bool:
     return "_asyncio" in Path(f"/proc/{pid}/maps").read_text()
 
 
+def test_supervisor_side_loads_no_netlink_library() -> None:
+    """What mctl and the supervisor import for a network leaves pyroute2 to the helper."""
+    code = "import sys; from machined import network; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = r.stdout.strip()
+    assert "'pyroute2'" not in loaded and "'asyncio'" not in loaded, loaded
+
+
 @pytest.mark.root
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
     name = env.name()
@@ -42,11 +50,11 @@ def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> N
     assert data["network"]["agent"]["pid"] == int(pid)  # type: ignore[index]
     fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
     assert [fds[fd] for fd in ("0", "1", "2")] == ["/dev/null"] * 3, fds
-    # Its socket to the supervisor and its event loop's: no lock, no file, no pipe of mctl's caller.
-    assert all(t.startswith(("socket:", "anon_inode:")) for fd, t in fds.items() if fd not in "012"), fds
+    # Its socket to the supervisor: no lock, no file, no pipe of mctl's caller.
+    assert all(t.startswith("socket:") for fd, t in fds.items() if fd not in "012"), fds
     assert os.getsid(int(pid)) == int(pid)  # its own session: a terminal's signals are not for it
-    # asyncio (and pyroute2 with it) is loaded by the helper only, not by the supervisor.
-    assert maps_asyncio(pid) and not maps_asyncio(data["supervisor"]["pid"])  # type: ignore[index]
+    # No event loop on either side: the netlink and D-Bus work is blocking requests in sequence.
+    assert not maps_asyncio(pid) and not maps_asyncio(data["supervisor"]["pid"])  # type: ignore[index]
     env.ok("poweroff", name)
     assert helpers(name) == [] and _comm(pid) == ""
 
