@@ -13,3 +13,17 @@ def bare_package(name: str) -> None:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.loader is not None:
             sys.modules[name] = importlib.util.module_from_spec(spec)
+
+
+def sha256(data: bytes) -> bytes:
+    """SHA-256 from CPython's built-in module: importing hashlib initialises OpenSSL (~3 ms), and
+    a start hashes for an address lease and a link name."""
+    try:
+        from _sha2 import sha256 as new  # type: ignore[import-not-found,unused-ignore]  # Python 3.12 and later
+    except ImportError:
+        try:
+            from _sha256 import sha256 as new  # type: ignore[import-not-found,no-redef,unused-ignore]  # 3.11
+        except ImportError:  # a Python built without its own hashes
+            from hashlib import sha256 as new  # type: ignore[assignment,no-redef,unused-ignore]
+    digest: bytes = new(data).digest()
+    return digest

@@ -11,11 +11,11 @@ is stale and reclaimed by whoever looks next.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
 
+import machined
 from machined import paths, state
 from machined.log import die
 
@@ -45,21 +45,24 @@ def _load() -> dict[str, dict[str, dict[str, object]]]:
 
 class Store:
     """`with Store() as s:` holds the network lock; changes are written back when it is left (also
-    on an error: what was leased is in the owner's state, and its teardown gives it back)."""
+    on an error: what was leased is in the owner's state, and its teardown gives it back).
+    Store(load=False): the lock alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, load: bool = True) -> None:
         self.fd = -1
         self.data: dict[str, dict[str, dict[str, object]]] = {}
         self.dirty = False
+        self.load = load
 
     def __enter__(self) -> Store:
         os.makedirs(store_dir(), mode=0o755, exist_ok=True)
         self.fd = os.open(os.path.join(store_dir(), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
-        self.data = _load()
-        for key in ("leases", "ports"):
-            self.data.setdefault(key, {})
-        self._reclaim()
+        if self.load:
+            self.data = _load()
+            for key in ("leases", "ports"):
+                self.data.setdefault(key, {})
+            self._reclaim()
         return self
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -106,7 +109,7 @@ class Store:
                 die(f"Failed to lease {addr} to {owner}: {reason}")
         else:
             size = br.subnet.num_addresses
-            start = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") % size
+            start = int.from_bytes(machined.sha256(seed.encode())[:8], "big") % size
             for i in range(size):
                 addr = br.subnet.network_address + (start + i) % size
                 if addr not in reserved and addr not in taken:

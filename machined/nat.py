@@ -20,6 +20,8 @@ from machined.log import MachinedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from machined.netconfig import Bridge, Port
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -28,7 +30,7 @@ LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _lib: ctypes.CDLL | None = None
 
 
-def _nft() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         try:
@@ -52,7 +54,7 @@ def _nft() -> ctypes.CDLL:
 
 def run(commands: list[dict[str, object]]) -> dict[str, object]:
     """Apply a batch of JSON commands atomically; raises OSError-like MachinedError with nft's reason."""
-    lib = _nft()
+    lib = library()
     ctx = lib.nft_ctx_new(0)
     if not ctx:
         raise MachinedError("Failed to use nftables: cannot create a context")
@@ -111,7 +113,36 @@ def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dict[str, obj
 
 def add_bridge(br: Bridge) -> None:
     """The bridge's table, made anew: masquerade (or no forwarding at all) and localhost forwards'
-    plumbing. Also on every start with the bridge up: a firewall reload may have flushed it."""
+    plumbing."""
+    run(_bridge_commands(br))
+
+
+def renew_bridge(br: Bridge) -> None:
+    """On every start with the bridge up: the bridge's table made anew where it is not as add_bridge
+    left it (a firewall reload may have flushed it). Listing takes well under a millisecond, while a
+    commit that deletes a table waits for an RCU grace period (~10 ms)."""
+    cmds = _bridge_commands(br)
+    try:
+        listed = run([{"list": {"table": {"family": FAMILY, "name": bridge_table(br.name)}}}])
+    except NftError:
+        listed = {}  # no such table
+    items = listed.get("nftables", [])
+    if _shape(c["add"] for c in cmds if "add" in c) != _shape(items if isinstance(items, list) else []):
+        run(cmds)
+
+
+def _shape(items: Iterable[object]) -> list[tuple[str, ...]]:
+    """The chains of a table and each one's number of rules, from nft's JSON objects."""
+    shape: list[tuple[str, ...]] = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("chain"), dict):
+            shape.append(("chain", str(item["chain"].get("name"))))
+        elif isinstance(item, dict) and isinstance(item.get("rule"), dict):
+            shape.append(("rule", str(item["rule"].get("chain"))))
+    return sorted(shape)
+
+
+def _bridge_commands(br: Bridge) -> list[dict[str, object]]:
     t = bridge_table(br.name)
     iif: dict[str, object] = {"meta": {"key": "iifname"}}
     oif: dict[str, object] = {"meta": {"key": "oifname"}}
@@ -137,7 +168,7 @@ def add_bridge(br: Bridge) -> None:
         # Host-only: machines reach the host and each other, nothing is routed beyond the bridge.
         cmds.append(_rule(t, "forward", _match(iif, br.name), _match(oif, br.name, "!="), {"drop": None}))
         cmds.append(_rule(t, "forward", _match(oif, br.name), _match(iif, br.name, "!="), {"drop": None}))
-    run(cmds)
+    return cmds
 
 
 def add_forwards(machine: str, ports: list[Port], address: str, address6: str | None) -> None:

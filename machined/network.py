@@ -7,9 +7,9 @@ the address the one the lease store (ipam) handed out. Names resolve through hos
 manager keeps: one per machine, bind-mounted read-only over the guest's /etc/hosts (the guest's
 own entries plus every running machine), and a managed block in the host's hosts file.
 
-The netlink work (machined.netlink, pyroute2's asyncio API) is done by the machine's network
+The netlink work (machined.netlink, pyroute2's message classes) is done by the machine's network
 helper (machined.netagent), forked as mctl starts, so that neither mctl nor the supervisor imports
-asyncio and pyroute2. What a machine's network leaves on the host is recorded in its state under
+pyroute2. What a machine's network leaves on the host is recorded in its state under
 "network" and removed by teardown(), which is idempotent and also runs (in-process) after a
 supervisor was killed.
 """
@@ -17,12 +17,11 @@ supervisor was killed.
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import os
-import socket
 
-from machined import ipam, linux, mounts, nat, netagent, netconfig, paths, pods, state
+import machined
+from machined import ipam, linux, mounts, netagent, netconfig, paths, pods, state
 from machined.log import die
 
 TYPE_CHECKING = False
@@ -41,7 +40,7 @@ def host_ifname(prefix: str, name: str) -> str:
     full = prefix + name
     if len(full) < netconfig.IFNAMSIZ:
         return full
-    digest = hashlib.sha256(name.encode()).hexdigest()
+    digest = machined.sha256(name.encode()).hex()
     return prefix + name[: netconfig.IFNAMSIZ - 1 - len(prefix) - 5] + digest[:5]
 
 
@@ -137,6 +136,8 @@ class MachineNetwork:
                 self._lease(store, ref)
             store.claim_ports(self.ports, self.name, ref)
             if self.ports:
+                from machined import nat  # (libnftables: only for machines with forwards)
+
                 addrs = data.get("addresses")
                 if not isinstance(addrs, list) or not addrs:
                     die(f"Failed to forward ports to {self.name}: it has no address")
@@ -155,6 +156,12 @@ class MachineNetwork:
         self.record.update(bridge=br.name, keep=br.keep, lease=str(self.address))
         a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
         self.data["addresses"] = [str(self.address)] + ([str(a6)] if a6 else [])
+        # The link is recorded (in the state written next) before any boot makes it.
+        self.record["host_link"] = host_ifname(self._link_prefix(), self.pod or self.name)
+        self.data["interfaces"] = [self.record["host_link"]]
+
+    def _link_prefix(self) -> str:
+        return "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
 
     def _join_pod(self, store: ipam.Store, ref: object) -> None:
         pod = self.pod
@@ -201,7 +208,7 @@ class MachineNetwork:
         self.end_boot()
         self.netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         if self.mode.kind in ("bridge", "veth"):
-            with ipam.Store():  # the bridge cannot vanish between its check and our port
+            with ipam.Store(load=False):  # the bridge cannot vanish between its check and our port
                 self._attach_links()
         else:
             self._attach_links()
@@ -210,25 +217,12 @@ class MachineNetwork:
         agent = self._helper()
         if self.mode.kind in ("bridge", "veth"):
             br = self.bridge
-            assert br is not None and self.address is not None
-            prefix = "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
-            base = self.pod or self.name
-            outer = host_ifname(prefix, base)
-            self.record["host_link"] = outer
-            self.data["interfaces"] = [outer]
-            state.write(self.name, self.data)
-            # Under the network lock: the bridge is there or not until the helper has made it.
-            renew = self.mode.kind == "bridge" and os.path.isdir(f"/sys/class/net/{br.name}/bridge")
-            agent.send("attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind,
-                       outer=outer, altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed,
-                       address=str(self.address))
-            try:
-                if renew:
-                    # The bridge's NAT table anew (a firewall reload may have flushed it), while the
-                    # helper works: its commit waits for an RCU grace period (~10 ms).
-                    nat.add_bridge(br)
-            finally:
-                self.data["ifindices"] = [agent.receive()]  # the helper's answer, also when that failed
+            outer = self.record["host_link"]
+            assert br is not None and self.address is not None and isinstance(outer, str)
+            prefix, base = self._link_prefix(), self.pod or self.name
+            self.data["ifindices"] = [agent.request(
+                "attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind, outer=outer,
+                altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed, address=str(self.address))]
         elif self.mode.kind == "interface":
             agent.request("move_in", self.netns, machine=self.name, link=self.mode.link)
             self.data["interfaces"] = [self.mode.link]
@@ -277,6 +271,8 @@ class MachineNetwork:
 
 def _check_host_port_free(port: netconfig.Port) -> None:
     """A host port a host service listens on cannot be forwarded: the forward would hide it."""
+    import socket
+
     kind = socket.SOCK_STREAM if port.proto == "tcp" else socket.SOCK_DGRAM
     for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
@@ -467,6 +463,8 @@ def teardown(data: dict[str, object], agent: netagent.Agent | None = None) -> No
     name = str(data.get("name"))
     table = rec.get("nft_table")
     if isinstance(table, str):
+        from machined import nat
+
         nat.delete_table(table)
     with ipam.Store() as store:
         store.release(name)
