@@ -185,6 +185,38 @@ def test_nat_to_the_outside(env: Env, forwarding: None) -> None:
     assert f"machined-{br}" not in "\n".join(nft_tables())
 
 
+def _table_handle(table: str) -> int:
+    listed = json.loads(sh("nft", "-j", "list", "tables"))["nftables"]
+    return next(int(t["table"]["handle"]) for t in listed if t.get("table", {}).get("name") == table)
+
+
+def test_a_damaged_bridge_table_is_made_again_by_the_next_start(env: Env) -> None:
+    """A firewall reload may flush the bridge's table or delete it: the next start on the bridge
+    makes it again, and a start that finds it as it was made leaves it alone (the same table)."""
+    br, _ = add_bridge(env, nat=True)
+    names = [env.name() for _ in range(4)]
+    for name in names:
+        env.ok("create", name, "--template", "busybox", "--network", f"bridge:{br}")
+    table = f"machined-{br}"
+    try:
+        env.ok("start", names[0])
+        made = sh("nft", "list", "table", "inet", table)
+        assert "masquerade" in made and "guard" in made
+        sh("nft", "flush", "table", "inet", table)  # its chains stay, its rules go
+        env.ok("start", names[1])
+        assert sh("nft", "list", "table", "inet", table) == made
+        sh("nft", "delete", "table", "inet", table)
+        env.ok("start", names[2])
+        assert sh("nft", "list", "table", "inet", table) == made
+        handle = _table_handle(table)
+        env.ok("start", names[3])
+        assert _table_handle(table) == handle
+    finally:
+        for name in names:
+            env.mctl("poweroff", name)
+    assert table not in "\n".join(nft_tables())
+
+
 def test_port_forward_from_host_address_and_localhost(env: Env) -> None:
     br, subnet = add_bridge(env, ipv6=True)
     gateway = subnet.rsplit(".", 1)[0] + ".1"

@@ -1,0 +1,105 @@
+"""spawn's hand-over with the parent: its namespace hooks (a machine's links) run while the child
+builds its root, the child execs only once they are done, and a failure on either side is reported
+once, with the child's own reason where the child failed first."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from machined import spawn
+from machined.log import MachinedError
+from tests.conftest import Env
+
+pytestmark = pytest.mark.root
+
+
+def _spec(env: Env, rootfs: Path, tmp_path: Path, argv: list[str]) -> spawn.Spec:
+    inaccessible = tmp_path / "inaccessible"
+    inaccessible.touch(mode=0o000)
+    return spawn.Spec(name="spawntest", rootfs=str(rootfs), machine_id="0" * 32, argv=argv, boot=False,
+                      cgroup=None, inaccessible=str(inaccessible), machine_id_file=str(tmp_path / "machine-id"),
+                      bind_machine_id=False)
+
+
+def _until(cond: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _exited(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _rootfs(env: Env) -> Path:
+    name = env.name()
+    env.ok("create", name, "--template", "busybox", "--network", "none")
+    return env.images / name
+
+
+def test_hooks_overlap_with_the_root_and_come_before_exec(env: Env, tmp_path: Path) -> None:
+    rootfs = _rootfs(env)
+    marker = tmp_path / "root-built"
+    seen: list[bool] = []
+    spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
+    spec.in_child.append(lambda root_fd: marker.touch())  # in the child, before pivot_root
+
+    def hook(pid: int) -> None:
+        # The child goes on to build its root meanwhile (with the old protocol it waited for us).
+        seen.append(_until(marker.exists))
+        seen.append(not _exited(pid) and Path(f"/proc/{pid}/comm").read_text().strip() != "true")  # not exec'd
+
+    spec.on_namespaces.append(hook)
+    child = spawn.spawn(spec)
+    try:
+        _, status = os.waitpid(child.pid, 0)
+    finally:
+        child.close()
+    assert seen == [True, True]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_a_child_that_failed_first_is_the_error(env: Env, tmp_path: Path) -> None:
+    rootfs = _rootfs(env)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (rootfs / "proc").rmdir()
+    (rootfs / "proc").symlink_to(f"../../../../../../../..{outside}")  # refused by the child
+    spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
+
+    def hook(pid: int) -> None:
+        assert _until(lambda: _exited(pid))
+        raise OSError(2, "the machine's namespace is gone")  # what a hook sees of a dead child
+
+    spec.on_namespaces.append(hook)
+    with pytest.raises(MachinedError) as e:
+        spawn.spawn(spec)
+    assert "/proc" in str(e.value) and "namespace is gone" not in str(e.value)
+    # A child that failed while the hooks succeeded (their "go" finds no reader) is reported too.
+    spec.on_namespaces[:] = [lambda pid: _until(lambda: _exited(pid))]
+    with pytest.raises(MachinedError, match="/proc"):
+        spawn.spawn(spec)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_failing_hook_is_the_error_and_nothing_runs(env: Env, tmp_path: Path) -> None:
+    rootfs = _rootfs(env)
+    spec = _spec(env, rootfs, tmp_path, ["/bin/sh", "-c", "echo ran > /ran"])
+    pids: list[int] = []
+
+    def hook(pid: int) -> None:
+        pids.append(pid)
+        raise MachinedError("Failed to create veth: it broke")
+
+    spec.on_namespaces.append(hook)
+    with pytest.raises(MachinedError, match="it broke"):
+        spawn.spawn(spec)
+    assert not (rootfs / "ran").exists()  # the payload never ran
+    assert not Path(f"/proc/{pids[0]}").exists()  # the child is gone and reaped
