@@ -83,7 +83,10 @@ def test_a_child_that_failed_first_is_the_error(env: Env, tmp_path: Path) -> Non
         spawn.spawn(spec)
     assert "/proc" in str(e.value) and "namespace is gone" not in str(e.value)
     # A child that failed while the hooks succeeded (their "go" finds no reader) is reported too.
-    spec.on_namespaces[:] = [lambda pid: _until(lambda: _exited(pid))]
+    def wait_for_the_child(pid: int) -> None:
+        assert _until(lambda: _exited(pid))
+
+    spec.on_namespaces[:] = [wait_for_the_child]
     with pytest.raises(MachinedError, match="/proc"):
         spawn.spawn(spec)
     assert list(outside.iterdir()) == []
