@@ -19,6 +19,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 
 import machined
 from machined import linux, nat, netconfig
@@ -51,6 +52,7 @@ IFA_F_NODAD = 0x02
 RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
 MACVLAN_MODE_BRIDGE = 4
 TIMEOUT = 30.0  # for one request: the kernel answers at once, or something is badly wrong
+VETH_SETTLE = 0.05  # how long a machine's veth may take to go with its namespace before we delete it
 _HEADER = struct.Struct("=IHHII")
 
 
@@ -196,8 +198,14 @@ def _set_up(nl: Rtnl, index: int, **attrs: Any) -> None:
     nl.call(RTM_NEWLINK, _link(index, up=True, **attrs))
 
 
-def _delete_link(nl: Rtnl, ifname: str) -> None:
-    idx = _index(nl, ifname)
+def _delete_link(nl: Rtnl, ifname: str, settle: float = 0.0) -> None:
+    """Delete ifname, unless it goes by itself within settle seconds. A veth goes with the network
+    namespace of its peer: the kernel unlists it at once (~2 ms after the namespace's last user)
+    and does the slow part (RCU grace periods, ~20 ms) in the background, where a deletion of ours
+    would wait for them."""
+    deadline = time.monotonic() + settle
+    while (idx := _index(nl, ifname)) is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
     if idx is None:
         return
     try:
@@ -295,11 +303,7 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
     br = netconfig.Bridge.from_json(bridge)
     with Rtnl() as nl:
         master = {"master": ensure_bridge(nl, br)} if kind == "bridge" else {}
-        try:
-            nl.call(RTM_DELLINK, _link(ifname=outer))  # the last boot's, if its namespace is not gone yet
-        except NetlinkError as e:
-            if e.errno != errno.ENODEV:
-                raise
+        _delete_link(nl, outer, VETH_SETTLE)  # the last boot's, if its namespace is not gone yet
         # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
         peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", netns),
                           ("IFLA_ADDRESS", stable_mac(seed, "host0"))]}
@@ -389,6 +393,6 @@ def teardown_links(link: str | None, bridge: str | None) -> None:
     """Delete the host end of a machine's link, and the bridge if no port is left on it."""
     with Rtnl() as nl:
         if link:
-            _delete_link(nl, link)
+            _delete_link(nl, link, VETH_SETTLE)
         if bridge:
             _remove_bridge_if_unused(nl, bridge)

@@ -481,10 +481,10 @@ def teardown(data: dict[str, object], agent: netagent.Agent | None = None) -> No
         link, bridge = owned.get("host_link"), owned.get("bridge")
         link = link if isinstance(link, str) else None
         bridge = bridge if isinstance(bridge, str) and owned.get("keep") is False else None
+        if ending_pod:
+            pods.destroy(str(pod))  # first: its veth goes with its network namespace
         if link or bridge:
             _remove_links(agent, link, bridge)
-        if ending_pod:
-            pods.destroy(str(pod))
         hosts_file = rec.get("hosts_file")
         update_hosts(hosts_file if isinstance(hosts_file, str) else "", exclude=name)
 
