@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
-from typing import Any
 
-from machined import paths
+from machined import paths, plaintoml
 from machined.log import MachinedError, die
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -206,10 +208,10 @@ def load(name: str) -> MachineConfig:
     path = paths.config_path(name)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = plaintoml.loads(f.read().decode())
     except FileNotFoundError:
         die(f"No machine named {name!r}", hint=f"'mctl create {name} --template busybox' makes one")
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOML's errors, and text that is not UTF-8
         die(f"Invalid configuration {path}: {e}")
     except OSError as e:
         die(f"Failed to read {path}: {e.strerror}")

@@ -1,12 +1,12 @@
 """A machine's network helper: a process that does the machine's netlink work for its supervisor.
 
 Importing pyroute2's message classes (machined.netlink) takes about 25 ms, which would all be on a
-start's critical path in mctl or the supervisor. So mctl forks the helper first thing
-when it starts or runs one machine whose network has links (prefork: decided from the command line
-and the machine's settings file, read without tomllib where it can be), and the helper imports them
-on the other CPU meanwhile. The supervisor then asks it for each netlink step (attach_veth,
-move_in, add_macvlan, move_out, teardown_links), handing over the machine's network namespace as an
-fd: one JSON message per request and per reply on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS).
+start's critical path in mctl or the supervisor. So mctl forks the helper first thing when it
+starts or runs one machine whose network has links (prefork: decided from the command line and the
+machine's settings file), and the helper imports them on the other CPU meanwhile. The supervisor
+then asks it for each netlink step (attach_veth, move_in, add_macvlan, move_out, teardown_links),
+handing over the machine's network namespace as an fd: one JSON message per request and per reply
+on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS).
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor) and ignores
 terminal and stop signals: it ends when its socket does, when the supervisor closes it or dies. A
@@ -236,46 +236,14 @@ def _configured_mode(name: str) -> str:
         return "bridge"  # an image without settings gets the defaults
     except OSError:
         return "none"
-    mode = _plain_mode(text)
-    if mode is None:  # not in the plain form mctl writes: parse it for real (tomllib costs ~15 ms)
-        import tomllib
+    from machined import plaintoml
 
-        try:
-            network = tomllib.loads(text.decode()).get("network", {})
-        except (ValueError, UnicodeDecodeError):
-            return "none"  # loading the settings fails in a moment
-        mode = network.get("mode", "bridge") if isinstance(network, dict) else "none"
+    try:
+        network = plaintoml.loads(text.decode()).get("network", {})
+    except ValueError:  # (not UTF-8, or not TOML)
+        return "none"  # loading the settings fails in a moment
+    mode = network.get("mode", "bridge") if isinstance(network, dict) else "none"
     return mode if isinstance(mode, str) else "none"
-
-
-def _plain_mode(text: bytes) -> str | None:
-    """[network] mode from TOML made only of [bare.table] headers and bare_key = value lines, with
-    mode a basic string without escapes; None where the text has any other form."""
-    bare = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-    section, mode = b"", "bridge"
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(b"#"):
-            continue
-        if b'"""' in line or b"'''" in line:
-            return None  # a multi-line string could hold anything
-        if line.startswith(b"["):
-            if not line.endswith(b"]") or not set(line.strip(b"[]").replace(b".", b"")) <= bare:
-                return None
-            section = line
-            continue
-        key, sep, value = line.partition(b"=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not set(key) <= bare:
-            return None
-        if section == b"[network]" and key == b"mode":
-            if len(value) < 2 or value[:1] != b'"' or value.count(b'"') != 2 or not value.endswith(b'"') \
-                    or b"\\" in value:
-                return None
-            mode = value[1:-1].decode(errors="replace")
-        elif key == b"network" and not section:
-            return None  # an inline table
-    return mode
 
 
 # --- the helper -------------------------------------------------------------------------------------

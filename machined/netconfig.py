@@ -14,8 +14,7 @@ a machine's), so tests and users choose their own bridge names and subnets:
     nat = true                       # masquerade traffic leaving the bridge (else: not forwarded)
     keep = true                      # keep the bridge when its last machine stops
 
-No heavy imports: this runs on the start path in mctl itself, before anything is created (and
-tomllib only where the host's settings are read: a machine's network helper needs the rest).
+No heavy imports: this runs on the start path in mctl itself, before anything is created.
 """
 
 from __future__ import annotations
@@ -215,15 +214,15 @@ def _bridge(name: str, data: dict[str, object], where: str) -> Bridge:
 
 
 def load_host() -> HostNetwork:
-    import tomllib
+    from machined import plaintoml
 
     path = host_config_path()
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = plaintoml.loads(f.read().decode())
     except FileNotFoundError:
         return HostNetwork()
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOML's errors, and text that is not UTF-8
         die(f"Invalid configuration {path}: {e}")
     except OSError as e:
         die(f"Failed to read {path}: {e.strerror}")

@@ -169,9 +169,9 @@ PLAIN = [
     ('[network]\nmode = "bridge:br-lab"\nports = ["80"]\n[resources]\nmemory_max = 5\n', "bridge:br-lab"),
     ('# comment\n[network]\n# mode = "none"\nmode = "veth"\n', "veth"),
     ('[network]\npod = "p"\n', "bridge"),
-]
-OTHER = [  # forms the quick scan leaves to tomllib
     ('[network]\nmode = "none" # loopback only\n', "none"),
+]
+OTHER = [  # forms the fast path leaves to tomllib
     ("[network]\nmode = 'none'\n", "none"),
     ('network = { mode = "none" }\n', "none"),
     ('network.mode = "none"\n', "none"),
@@ -185,10 +185,10 @@ OTHER = [  # forms the quick scan leaves to tomllib
 @pytest.mark.parametrize(("text", "mode"), PLAIN + OTHER)
 def test_mode_read_before_the_settings_are_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str,
                                                   mode: str) -> None:
-    from machined import netagent
+    from machined import netagent, plaintoml
 
     monkeypatch.setenv("MACHINED_CONFIG_DIR", str(tmp_path))
     (tmp_path / "m.toml").write_text(text)
     expected = tomllib.loads(text).get("network", {}).get("mode", "bridge")
     assert netagent._configured_mode("m") == expected == mode
-    assert (netagent._plain_mode(text.encode()) is None) == ((text, mode) in OTHER)
+    assert (plaintoml.plain(text) is None) == ((text, mode) in OTHER)
