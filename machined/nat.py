@@ -21,8 +21,9 @@ from machined.log import MachinedError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from typing import Any
 
-    from machined.netconfig import Bridge, Port
+    from machined.netconfig import Port
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 FAMILY = "inet"  # one table serves IPv4 and IPv6
@@ -111,19 +112,19 @@ def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dict[str, obj
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
-def add_bridge(br: Bridge) -> None:
+def add_bridge(br: dict[str, Any]) -> None:
     """The bridge's table, made anew: masquerade (or no forwarding at all) and localhost forwards'
     plumbing."""
     run(_bridge_commands(br))
 
 
-def renew_bridge(br: Bridge) -> None:
+def renew_bridge(br: dict[str, Any]) -> None:
     """On every start with the bridge up: the bridge's table made anew where it is not as add_bridge
     left it (a firewall reload may have flushed it). Listing takes well under a millisecond, while a
     commit that deletes a table waits for an RCU grace period (~10 ms)."""
     cmds = _bridge_commands(br)
     try:
-        listed = run([{"list": {"table": {"family": FAMILY, "name": bridge_table(br.name)}}}])
+        listed = run([{"list": {"table": {"family": FAMILY, "name": bridge_table(br["name"])}}}])
     except NftError:
         listed = {}  # no such table
     items = listed.get("nftables", [])
@@ -142,8 +143,10 @@ def _shape(items: Iterable[object]) -> list[tuple[str, ...]]:
     return sorted(shape)
 
 
-def _bridge_commands(br: Bridge) -> list[dict[str, object]]:
-    t = bridge_table(br.name)
+def _bridge_commands(br: dict[str, Any]) -> list[dict[str, object]]:
+    """br: netconfig.Bridge.to_json() (what the network helper gets)."""
+    name = br["name"]
+    t = bridge_table(name)
     iif: dict[str, object] = {"meta": {"key": "iifname"}}
     oif: dict[str, object] = {"meta": {"key": "oifname"}}
     cmds: list[dict[str, object]] = [
@@ -151,23 +154,24 @@ def _bridge_commands(br: Bridge) -> list[dict[str, object]]:
         # Forwards from 127.0.0.1 need route_localnet on the bridge; without this rule a machine
         # could then reach the host's loopback-only services (CVE-2020-8558 in kube-proxy).
         _chain(t, "guard", "filter", "prerouting", -300),
-        _rule(t, "guard", _match(iif, br.name), _match(_payload("ip", "daddr"), _prefix(LOOPBACK)),
+        _rule(t, "guard", _match(iif, name), _match(_payload("ip", "daddr"), _prefix(LOOPBACK)),
               {"drop": None}),
         _chain(t, "postrouting", "nat", "postrouting", 100),
         # Forwarded connections from the host's loopback: answer to the bridge's address instead.
-        _rule(t, "postrouting", _match(oif, br.name), _match(_payload("ip", "saddr"), _prefix(LOOPBACK)),
+        _rule(t, "postrouting", _match(oif, name), _match(_payload("ip", "saddr"), _prefix(LOOPBACK)),
               {"masquerade": None}),
         _chain(t, "forward", "filter", "forward", 0),
     ]
-    if br.nat:
-        nets = [("ip", br.subnet)] + ([("ip6", br.ipv6_subnet)] if br.ipv6_subnet else [])
+    if br["nat"]:
+        nets = [(proto, ipaddress.ip_network(br[key])) for proto, key in (("ip", "subnet"), ("ip6", "ipv6_subnet"))
+                if br[key]]
         for proto, net in nets:
             cmds.append(_rule(t, "postrouting", _match(_payload(proto, "saddr"), _prefix(net)),
                               _match(_payload(proto, "daddr"), _prefix(net), "!="), {"masquerade": None}))
     else:
         # Host-only: machines reach the host and each other, nothing is routed beyond the bridge.
-        cmds.append(_rule(t, "forward", _match(iif, br.name), _match(oif, br.name, "!="), {"drop": None}))
-        cmds.append(_rule(t, "forward", _match(oif, br.name), _match(iif, br.name, "!="), {"drop": None}))
+        cmds.append(_rule(t, "forward", _match(iif, name), _match(oif, name, "!="), {"drop": None}))
+        cmds.append(_rule(t, "forward", _match(oif, name), _match(iif, name, "!="), {"drop": None}))
     return cmds
 
 

@@ -26,10 +26,6 @@ from dataclasses import dataclass, field
 from machined import paths
 from machined.log import die
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
-
 IFNAMSIZ = 16
 DEFAULT_BRIDGE = "mbr0"
 DEFAULT_SUBNET = "10.151.0.0/24"
@@ -158,14 +154,9 @@ class Bridge:
         return self.ipv6_subnet.network_address + (int(address) - int(self.subnet.network_address))
 
     def to_json(self) -> dict[str, object]:
+        """What the network helper works from (plain values: it does not load this module)."""
         return {"name": self.name, "subnet": str(self.subnet), "gateway": str(self.gateway),
-                "ipv6_subnet": str(self.ipv6_subnet or ""), "nat": self.nat, "keep": self.keep}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Bridge:
-        v6 = d["ipv6_subnet"]
-        return cls(d["name"], ipaddress.IPv4Network(d["subnet"]), ipaddress.IPv4Address(d["gateway"]),
-                   ipaddress.IPv6Network(v6) if v6 else None, d["nat"], d["keep"])
+                "ipv6_subnet": str(self.ipv6_subnet or ""), "gateway6": str(self.gateway6 or ""), "nat": self.nat}
 
 
 @dataclass(frozen=True)

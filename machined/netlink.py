@@ -22,14 +22,12 @@ import struct
 import time
 
 import machined
-from machined import linux, nat, netconfig
+from machined import linux, nat
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-    from machined.netconfig import Bridge
 
 machined.bare_package("pyroute2")  # its __init__ imports every API it has (IPDB, NDB, nl80211, ...): 100-200 ms
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, nlmsg  # noqa: E402
@@ -217,12 +215,9 @@ def _delete_link(nl: Rtnl, ifname: str, settle: float = 0.0) -> None:
 
 # --- the bridge ---------------------------------------------------------------------------------
 
-def _check_subnet_free(nl: Rtnl, br: Bridge) -> None:
+def _check_subnet_free(nl: Rtnl, br: dict[str, Any]) -> None:
     """Refuse a subnet that overlaps a network the host already routes (other than through br)."""
-    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [br.subnet]
-    if br.ipv6_subnet is not None:
-        nets.append(br.ipv6_subnet)
-    for net in nets:
+    for net in (ipaddress.ip_network(br[key]) for key in ("subnet", "ipv6_subnet") if br[key]):
         query = rtmsg()
         query["family"] = socket.AF_INET if net.version == 4 else socket.AF_INET6
         for route in nl.call(RTM_GETROUTE, query, NLM_F_DUMP, reply=rtmsg):
@@ -234,8 +229,10 @@ def _check_subnet_free(nl: Rtnl, br: Bridge) -> None:
                 oif = route.get_attr("RTA_OIF")
                 link = _get_link(nl, index=oif) if oif else None
                 dev = link.get_attr("IFLA_IFNAME") if link is not None else "?"
-                die(f"Failed to create bridge {br.name}: its subnet {net} overlaps {other} on {dev}",
-                    hint=f"choose another subnet for bridge {br.name} in {netconfig.host_config_path()}")
+                from machined import netconfig
+
+                die(f"Failed to create bridge {br['name']}: its subnet {net} overlaps {other} on {dev}",
+                    hint=f"choose another subnet for bridge {br['name']} in {netconfig.host_config_path()}")
 
 
 def _kind(link: Any) -> str | None:
@@ -243,41 +240,46 @@ def _kind(link: Any) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
-def ensure_bridge(nl: Rtnl, br: Bridge) -> int:
-    """The bridge's index; created with its gateway addresses and NAT table if it does not exist, its
-    NAT table renewed if it does. The caller holds the network lock (ipam.Store): no other machine's
-    teardown removes the bridge meanwhile."""
-    link = _get_link(nl, br.name)
+def ensure_bridge(nl: Rtnl, br: dict[str, Any]) -> int:
+    """The bridge (netconfig.Bridge.to_json) by its index; created with its gateway addresses and
+    NAT table if it does not exist, its NAT table renewed if it does. The caller holds the network
+    lock (ipam.Store): no other machine's teardown removes the bridge meanwhile."""
+    name = br["name"]
+    link = _get_link(nl, name)
     if link is not None:
         kind = _kind(link)
         if kind != "bridge":
-            die(f"Failed to use bridge {br.name}: a link of that name exists and is a {kind or 'device'}")
+            die(f"Failed to use bridge {name}: a link of that name exists and is a {kind or 'device'}")
         nat.renew_bridge(br)
         return int(link["index"])
     _check_subnet_free(nl, br)
     try:
-        nl.call(RTM_NEWLINK, _link(ifname=br.name, address=stable_mac("bridge", br.name),
-                                   linkinfo=_linkinfo("bridge")), NLM_F_CREATE | NLM_F_EXCL)
+        nl.call(RTM_NEWLINK, _link(ifname=name, address=stable_mac("bridge", name), linkinfo=_linkinfo("bridge")),
+                NLM_F_CREATE | NLM_F_EXCL)
     except NetlinkError as e:
-        raise _nl(f"create bridge {br.name}", e) from None
-    idx = _index(nl, br.name)
+        raise _nl(f"create bridge {name}", e) from None
+    idx = _index(nl, name)
     assert idx is not None
     try:
-        _add_addr(nl, idx, str(br.gateway), br.subnet.prefixlen)
-        if br.ipv6_subnet is not None:
-            _add_addr(nl, idx, str(br.gateway6), br.ipv6_subnet.prefixlen, flags=IFA_F_NODAD)
-        _write_sysctl(f"net/ipv4/conf/{br.name}/route_localnet", "1")
+        _add_addr(nl, idx, br["gateway"], _prefixlen(br["subnet"]))
+        if br["ipv6_subnet"]:
+            _add_addr(nl, idx, br["gateway6"], _prefixlen(br["ipv6_subnet"]), flags=IFA_F_NODAD)
+        _write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
         nat.add_bridge(br)
-        if br.nat:
+        if br["nat"]:
             _write_sysctl("net/ipv4/ip_forward", "1")
-            if br.ipv6_subnet is not None:
+            if br["ipv6_subnet"]:
                 _write_sysctl("net/ipv6/conf/all/forwarding", "1")
         _set_up(nl, idx)
     except BaseException:
-        _delete_link(nl, br.name)
-        nat.delete_table(nat.bridge_table(br.name))
+        _delete_link(nl, name)
+        nat.delete_table(nat.bridge_table(name))
         raise
     return idx
+
+
+def _prefixlen(network: str) -> int:
+    return int(network.rpartition("/")[2])
 
 
 def _remove_bridge_if_unused(nl: Rtnl, name: str) -> None:
@@ -296,13 +298,12 @@ def _remove_bridge_if_unused(nl: Rtnl, name: str) -> None:
 # --- one machine's links --------------------------------------------------------------------------
 
 def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, outer: str, altname: str,
-                seed: str, address: str) -> int:
+                seed: str, address: str, address6: str = "") -> int:
     """A veth pair: outer on the host (a port of the bridge, or for kind 'veth' a point-to-point
-    link holding the gateway address), host0 in netns with the machine's address and default route.
-    Returns outer's index."""
-    br = netconfig.Bridge.from_json(bridge)
+    link holding the gateway address), host0 in netns with the machine's addresses and default
+    routes. bridge: netconfig.Bridge.to_json(). Returns outer's index."""
     with Rtnl() as nl:
-        master = {"master": ensure_bridge(nl, br)} if kind == "bridge" else {}
+        master = {"master": ensure_bridge(nl, bridge)} if kind == "bridge" else {}
         _delete_link(nl, outer, VETH_SETTLE)  # the last boot's, if its namespace is not gone yet
         # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
         peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", netns),
@@ -322,27 +323,22 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
             # Point to point: the host side holds the gateway address, with the machine as peer.
             # No route_localnet here: without the bridge's guard rule it would open the host's
             # loopback services to the machine, so forwards from 127.0.0.1 are a bridge's alone.
-            _add_addr(nl, idx, str(br.gateway), 32, peer=address)
+            _add_addr(nl, idx, bridge["gateway"], 32, peer=address)
             _set_up(nl, idx)
-    _configure_inside(netns, br, kind, ipaddress.IPv4Address(address))
-    return idx
-
-
-def _configure_inside(netns: int, br: Bridge, kind: str, address: ipaddress.IPv4Address) -> None:
     with Rtnl(netns) as nl:  # (loopback: the machine brings it up)
         host0 = _index(nl, "host0")
         assert host0 is not None
-        if kind == "bridge":
-            _add_addr(nl, host0, str(address), br.subnet.prefixlen)
-            a6 = br.address6(address)
-            if a6 is not None and br.ipv6_subnet is not None:
-                _add_addr(nl, host0, str(a6), br.ipv6_subnet.prefixlen, flags=IFA_F_NODAD)
+        if master:
+            _add_addr(nl, host0, address, _prefixlen(bridge["subnet"]))
+            if address6:
+                _add_addr(nl, host0, address6, _prefixlen(bridge["ipv6_subnet"]), flags=IFA_F_NODAD)
         else:
-            _add_addr(nl, host0, str(address), 32, peer=str(br.gateway))
+            _add_addr(nl, host0, address, 32, peer=bridge["gateway"])
         _set_up(nl, host0)
-        _add_default_route(nl, str(br.gateway))
-        if kind == "bridge" and br.gateway6 is not None:
-            _add_default_route(nl, str(br.gateway6))
+        _add_default_route(nl, bridge["gateway"])
+        if master and bridge["gateway6"]:
+            _add_default_route(nl, bridge["gateway6"])
+    return idx
 
 
 def move_in(netns: int, machine: str, link: str) -> None:

@@ -220,9 +220,11 @@ class MachineNetwork:
             outer = self.record["host_link"]
             assert br is not None and self.address is not None and isinstance(outer, str)
             prefix, base = self._link_prefix(), self.pod or self.name
+            a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
             self.data["ifindices"] = [agent.request(
                 "attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind, outer=outer,
-                altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed, address=str(self.address))]
+                altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed, address=str(self.address),
+                address6=str(a6 or ""))]
         elif self.mode.kind == "interface":
             agent.request("move_in", self.netns, machine=self.name, link=self.mode.link)
             self.data["interfaces"] = [self.mode.link]
