@@ -36,7 +36,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: E402
 from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
 
 try:
-    nat.library()  # while mctl works: its first use costs ~3 ms
+    nat.library()  # loaded while mctl works, not on the first request
 except MachinedError:
     pass  # no libnftables: said by the bridge that needs it
 
