@@ -16,33 +16,18 @@ processes, so mctl's figures include starting the Python interpreter (about 40 m
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tests"))
-
-
-def private_install() -> Path:
-    digest = hashlib.sha256()
-    for p in sorted((REPO / "machined").rglob("*.py")) + sorted((REPO / "templates").rglob("*")) + [
-            REPO / "pyproject.toml"]:
-        if p.is_file():
-            digest.update(p.read_bytes())
-    venv = CACHE / f"bench-devices-venv-{digest.hexdigest()[:12]}"
-    if not (venv / "bin/mctl").exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin/pip"), "install", "-q", str(REPO)], check=True)
-        subprocess.run([str(venv / "bin/pip"), "uninstall", "-q", "-y", "setuptools"], check=False)
-    return venv / "bin/mctl"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_start import private_install
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -72,7 +57,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--mctl", type=Path, default=None)
     args = ap.parse_args()
-    mctl = str(args.mctl or private_install())
+    mctl = str(args.mctl or private_install(deps=True))
     tmp = Path(tempfile.mkdtemp(prefix="bench-devices-"))
     name = f"bdev{os.getpid()}"
     env = dict(os.environ, MACHINED_IMAGE_DIR=str(tmp / "images"), MACHINED_CONFIG_DIR=str(tmp / "config"),

@@ -38,18 +38,26 @@ def debian_rootfs() -> Path:
 
 
 def private_install(deps: bool = False) -> Path:
-    """A non-editable install of this checkout (keyed by its sources), without setuptools; with its
-    dependencies if deps (networking needs pyroute2)."""
+    """A non-editable install of this checkout (keyed by its sources and templates), without
+    setuptools; with its dependencies if deps (networking needs pyroute2). Older installs of the same
+    kind are removed (the two newest stay), so that the cache does not grow with every change."""
     digest = hashlib.sha256()
-    for p in [*sorted((REPO / "machined").rglob("*.py")), REPO / "pyproject.toml"]:
-        digest.update(p.read_bytes())
-    venv = CACHE / f"bench-venv{'-deps' if deps else ''}-{digest.hexdigest()[:12]}"
+    for p in [*sorted((REPO / "machined").rglob("*.py")), *sorted((REPO / "templates").rglob("*")),
+              REPO / "pyproject.toml"]:
+        if p.is_file():
+            digest.update(p.read_bytes())
+    kind = f"bench-venv{'-deps' if deps else ''}-"
+    venv = CACHE / f"{kind}{digest.hexdigest()[:12]}"
     if not (venv / "bin/mctl").exists():
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin/pip"), "install", "-q", *([] if deps else ["--no-deps"]), str(REPO)],
                        check=True)
         subprocess.run([str(venv / "bin/pip"), "uninstall", "-q", "-y", "setuptools"], check=False)
+    others = [d for d in CACHE.glob(f"{kind}*") if d != venv and d.name[len(kind):].isalnum()]
+    for old in sorted(others, key=lambda d: d.stat().st_mtime)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    venv.touch()
     return venv / "bin/mctl"
 
 
