@@ -5,9 +5,9 @@ On one busybox rootfs, alternating, in one run:
   mctl run NAME -- /bin/true (one-shot),   network none vs bridge:BR
   systemd-nspawn -q -D R --register=no --keep-unit --private-network /bin/true
         vs the same with --network-bridge=BR (same bridge)
-Prints medians, the time networking adds to each (bridged minus private network) and the ratios of
-those additions, mctl/nspawn. mctl is a regular (non-editable) install of this checkout in a
-private venv unless --mctl names another.
+Prints medians, the time networking adds to each (the median of bridged minus private network
+within each round) and the ratios of those additions, mctl/nspawn. mctl is a regular
+(non-editable) install of this checkout in a private venv unless --mctl names another.
 """
 
 from __future__ import annotations
@@ -83,9 +83,14 @@ def main() -> int:
         med = {k: statistics.median(v) * 1000 for k, v in results.items()}
         for k, v in med.items():
             print(f"{k:26} {v:7.1f} ms (median of {a.runs})")
-        added = {"mctl start": med["mctl start, bridge"] - med["mctl start, none"],
-                 "mctl run": med["mctl run, bridge"] - med["mctl run, none"],
-                 "nspawn": med["nspawn, bridge"] - med["nspawn, private network"]}
+        # Each addition is the median of the differences within one round (the two runs are seconds
+        # apart): robust against this machine's speed drifting between rounds, which a difference of
+        # the two medians is not.
+        pairs = {"mctl start": ("mctl start, bridge", "mctl start, none"),
+                 "mctl run": ("mctl run, bridge", "mctl run, none"),
+                 "nspawn": ("nspawn, bridge", "nspawn, private network")}
+        added = {k: statistics.median(b - n for b, n in zip(results[kb], results[kn], strict=True)) * 1000
+                 for k, (kb, kn) in pairs.items()}
         for k, v in added.items():
             print(f"bridged networking adds to {k:11} {v:6.1f} ms")
         if added["nspawn"] >= 1.0:
