@@ -5,7 +5,6 @@ once, with the child's own reason where the child failed first."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from machined import spawn
 from machined.log import MachinedError
 from tests.conftest import Env
+from tests.test_teardown import _wait as wait
 
 pytestmark = pytest.mark.root
 
@@ -23,15 +23,6 @@ def _spec(env: Env, rootfs: Path, tmp_path: Path, argv: list[str]) -> spawn.Spec
     return spawn.Spec(name="spawntest", rootfs=str(rootfs), machine_id="0" * 32, argv=argv, boot=False,
                       cgroup=None, inaccessible=str(inaccessible), machine_id_file=str(tmp_path / "machine-id"),
                       bind_machine_id=False)
-
-
-def _until(cond: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def _exited(pid: int) -> bool:
@@ -53,7 +44,7 @@ def test_hooks_overlap_with_the_root_and_come_before_exec(env: Env, tmp_path: Pa
 
     def hook(pid: int) -> None:
         # The child goes on to build its root meanwhile (with the old protocol it waited for us).
-        seen.append(_until(marker.exists))
+        seen.append(wait(marker.exists))
         seen.append(not _exited(pid) and Path(f"/proc/{pid}/comm").read_text().strip() != "true")  # not exec'd
 
     spec.on_namespaces.append(hook)
@@ -75,7 +66,7 @@ def test_a_child_that_failed_first_is_the_error(env: Env, tmp_path: Path) -> Non
     spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
 
     def hook(pid: int) -> None:
-        assert _until(lambda: _exited(pid))
+        assert wait(lambda: _exited(pid))
         raise OSError(2, "the machine's namespace is gone")  # what a hook sees of a dead child
 
     spec.on_namespaces.append(hook)
@@ -84,7 +75,7 @@ def test_a_child_that_failed_first_is_the_error(env: Env, tmp_path: Path) -> Non
     assert "/proc" in str(e.value) and "namespace is gone" not in str(e.value)
     # A child that failed while the hooks succeeded (their "go" finds no reader) is reported too.
     def wait_for_the_child(pid: int) -> None:
-        assert _until(lambda: _exited(pid))
+        assert wait(lambda: _exited(pid))
 
     spec.on_namespaces[:] = [wait_for_the_child]
     with pytest.raises(MachinedError, match="/proc"):
