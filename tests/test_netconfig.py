@@ -117,3 +117,13 @@ def test_concurrent_leases_never_collide(tmp_path: Path, monkeypatch: pytest.Mon
         got = f.read().split()
     assert len(got) == 8 and len(set(got)) == 8
     assert sorted(e["addr"] for e in ipam.peek()["leases"].values()) == sorted(got)  # type: ignore[type-var]
+
+
+def test_sha256_without_hashlib_is_sha256() -> None:
+    """Leases and link names hash with CPython's own SHA-256 (hashlib would load OpenSSL): the same digests."""
+    import hashlib
+
+    import machined
+
+    for data in (b"", b"m", "ü".encode() * 1000):
+        assert machined.sha256(data) == hashlib.sha256(data).digest()
