@@ -198,9 +198,9 @@ def _set_up(nl: Rtnl, index: int, **attrs: Any) -> None:
 
 def _delete_link(nl: Rtnl, ifname: str, settle: float = 0.0) -> None:
     """Delete ifname, unless it goes by itself within settle seconds. A veth goes with the network
-    namespace of its peer: the kernel unlists it at once (~2 ms after the namespace's last user)
-    and does the slow part (RCU grace periods, ~20 ms) in the background, where a deletion of ours
-    would wait for them."""
+    namespace of its peer, which the kernel cleans up in the background once its last user is gone
+    (2-20 ms here, a machine's mounts going first); a deletion of ours would instead wait for the
+    RCU grace periods of unregistering it (~20 ms)."""
     deadline = time.monotonic() + settle
     while (idx := _index(nl, ifname)) is not None and time.monotonic() < deadline:
         time.sleep(0.001)
