@@ -73,7 +73,8 @@ def main() -> None:
         return loops[-1]
 
     try:
-        run([mctl, "create", name, "--template", "busybox"], env)
+        # Loopback only, as LXC's "empty" network below (and no bridge left on the host).
+        run([mctl, "create", name, "--template", "busybox", "--network", "none"], env)
         rootfs = tmp / "images" / name
         loop = make_loop(tmp / "loop.img")
         minor = os.minor(os.stat(loop).st_rdev)
