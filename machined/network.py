@@ -218,13 +218,14 @@ class MachineNetwork:
         if self.mode.kind in ("bridge", "veth"):
             br = self.bridge
             outer = self.record["host_link"]
-            assert br is not None and self.address is not None and isinstance(outer, str)
+            assert br is not None and isinstance(outer, str)
             prefix, base = self._link_prefix(), self.pod or self.name
-            a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
+            addresses = self.data["addresses"]  # as _lease() made them: IPv4, and IPv6 where the bridge has it
+            assert isinstance(addresses, list)
             self.data["ifindices"] = [agent.request(
                 "attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind, outer=outer,
-                altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed, address=str(self.address),
-                address6=str(a6 or ""))]
+                altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed, address=addresses[0],
+                address6=addresses[1] if len(addresses) > 1 else "")]
         elif self.mode.kind == "interface":
             agent.request("move_in", self.netns, machine=self.name, link=self.mode.link)
             self.data["interfaces"] = [self.mode.link]
