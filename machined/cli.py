@@ -45,16 +45,14 @@ def _prewarm_if_starting() -> None:
 
 _prewarm_if_starting()
 
-import argparse  # noqa: E402 - after the prewarm on purpose
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Sequence
-    from typing import NoReturn
-
-
-def cast(typ: str, value: object) -> argparse.ArgumentParser:
-    return value  # type: ignore[return-value]  # typing.cast without importing typing
+    from typing import Any, NoReturn, cast
+else:
+    def cast(typ: str, value: object) -> object:
+        return value  # typing.cast without importing typing
 
 
 def _fmt_time(ts: object) -> str:
@@ -488,21 +486,6 @@ def verb_clean(a: argparse.Namespace) -> int:
 
 # --- parser ------------------------------------------------------------------------------------
 
-class _Formatter(argparse.HelpFormatter):
-    def __init__(self, prog: str) -> None:
-        # argparse would import shutil (and with it bz2, lzma) just to learn the terminal width.
-        try:
-            width = os.get_terminal_size().columns
-        except OSError:
-            width = 80
-        super().__init__(prog, width=max(40, width - 2))
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise MachinedError(f"Invalid arguments: {message}", hint=f"'{self.prog} --help'")
-
-
 class _Unused:
     """Stands in for the sub-parsers of verbs not on the command line: building all of them costs
     milliseconds of start-up (argparse translates every help string)."""
@@ -514,18 +497,149 @@ class _Unused:
         return self
 
 
+class _Spec:
+    """Records what _build declares for one verb (or the top level) instead of giving it to argparse,
+    for _quick_parse."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, dict[str, Any]] = {}  # every option string -> its keywords, with dest
+        self.positionals: list[dict[str, Any]] = []
+        self.defaults: dict[str, object] = {}
+        self.simple = True  # declared with nothing _quick_parse would get wrong
+
+    def add_argument(self, *flags: str, **kw: Any) -> None:
+        option = flags[0].startswith("-")
+        self.simple &= (set(kw) <= {"action", "nargs", "default", "type", "choices", "required", "dest", "metavar",
+                                    "help"} and kw.get("action", "store") in ("store", "store_true", "append")
+                        and kw.get("nargs") in ((None,) if option else (None, "?", "*", "+")))
+        if not option:
+            self.positionals.append({"dest": flags[0], **kw})
+            return
+        kw.setdefault("dest", next((f for f in flags if f.startswith("--")), flags[0]).lstrip("-").replace("-", "_"))
+        self.options.update(dict.fromkeys(flags, kw))
+
+    def set_defaults(self, **kw: object) -> None:
+        self.defaults.update(kw)
+
+    def parse(self, args: list[str]) -> dict[str, Any] | None:
+        """As argparse would parse args, or None where it might not; raises ValueError for a value
+        it would refuse."""
+        if not self.simple:
+            return None
+        values: dict[str, Any] = dict(self.defaults)  # over the options' defaults, as in argparse
+        for o in self.options.values():
+            values.setdefault(o["dest"], o.get("default", False if o.get("action") == "store_true" else None))
+        words: list[str] = []
+        given: set[str] = set()
+        closed = False  # the positional words have been followed by an option
+        rest = iter(args)
+        for arg in rest:
+            if not arg.startswith("-"):
+                if closed:  # a second run: argparse takes it otherwise or refuses it
+                    return None
+                words.append(arg)
+                continue
+            closed = bool(words)
+            flag, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+            if flag not in self.options:  # -h, an abbreviation, '-xp', '-Dvalue', a negative number: argparse's
+                return None
+            o = self.options[flag]
+            given.add(o["dest"])
+            if o.get("action") == "store_true":
+                if eq:
+                    return None
+                values[o["dest"]] = True
+                continue
+            value = value if eq else next(rest, "-")  # none left: as one that argparse might take for an option
+            if value.startswith("-"):
+                return None
+            v = _convert(o, value)
+            values[o["dest"]] = [*(values[o["dest"]] or ()), v] if o.get("action") == "append" else v
+        if any(o.get("required") and o["dest"] not in given for o in self.options.values()):
+            return None
+        need = [p.get("nargs") not in ("?", "*") for p in self.positionals]
+        if len(words) < sum(need) or (len(words) > len(need) and not any(
+                p.get("nargs") in ("*", "+") for p in self.positionals)):
+            return None
+        for n, p in enumerate(self.positionals):
+            one, default = p.get("nargs") in (None, "?"), p.get("default")
+            # all it can, leaving the later ones their minimum: as argparse's (greedy) regular expression
+            take = min(1 if one else len(words), len(words) - sum(need[n + 1:]))
+            got, words = [_convert(p, w) for w in words[:take]], words[take:]
+            values[p["dest"]] = (got[0] if one else got) if got else ([] if default is None and not one else default)
+        return values
+
+
+def _convert(o: dict[str, Any], value: str) -> object:
+    v = (o.get("type") or str)(value)
+    if o.get("choices") is not None and v not in o["choices"]:
+        raise ValueError(value)
+    return v
+
+
+def _quick_parse(argv: list[str]) -> argparse.Namespace | None:
+    """argv (without what follows '--') as argparse would parse it, but without argparse: importing
+    it and building a parser cost milliseconds of each call. None where that is not certain: argparse
+    then parses argv, and has the help and every error message. Certain are options by their full
+    names, values not starting with '-', and one run of positional words."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None:
+        return None
+    top, specs = _Spec(), []
+
+    def add_verb(name: str, help_: str, aliases: Sequence[str]) -> argparse.ArgumentParser:
+        specs.append(_Spec())
+        return cast("argparse.ArgumentParser", specs[-1])
+
+    if not _build(cast("argparse.ArgumentParser", top), add_verb, word):
+        return None
+    at = argv.index(word)
+    try:
+        head, tail = top.parse(argv[:at]), specs[0].parse(argv[at + 1:])
+    except (TypeError, ValueError):  # a value of the wrong type, or not one of the choices
+        return None
+    if head is None or tail is None:
+        return None
+    from types import SimpleNamespace
+
+    return cast("argparse.Namespace", SimpleNamespace(**{**head, "verb": word, **tail}))
+
+
 def parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or (only=VERB) one with just that verb's sub-parser if VERB exists."""
-    p, built = _build(only)
-    return p if built or only is None else _build(None)[0]
+    import argparse
+
+    class _Formatter(argparse.HelpFormatter):
+        def __init__(self, prog: str) -> None:
+            # argparse would import shutil (and with it bz2, lzma) just to learn the terminal width.
+            try:
+                width = os.get_terminal_size().columns
+            except OSError:
+                width = 80
+            super().__init__(prog, width=max(40, width - 2))
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise MachinedError(f"Invalid arguments: {message}", hint=f"'{self.prog} --help'")
+
+    def build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
+        p = _Parser(prog="mctl", description="Manage full-OS system containers (machines).",
+                    formatter_class=_Formatter)
+        sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+        sub.required = True
+        return p, _build(p, lambda name, help_, aliases: sub.add_parser(
+            name, help=help_, description=help_, aliases=list(aliases), formatter_class=_Formatter), only)
+
+    p, built = build(only)
+    return p if built or only is None else build(None)[0]
 
 
-def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
+def _build(top: argparse.ArgumentParser, add_verb: Callable[[str, str, Sequence[str]], argparse.ArgumentParser],
+           only: str | None) -> int:
+    """Declares mctl's options on top and its verbs' with add_verb(name, help, aliases): on argparse's
+    parsers, or on _Spec records for _quick_parse. only=VERB: that verb alone. Returns how many verbs."""
     built = 0
-    p = _Parser(prog="mctl", description="Manage full-OS system containers (machines).", formatter_class=_Formatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug output")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    sub.required = True
+    top.add_argument("--debug", action="store_true", help="show tracebacks and debug output")
 
     def verb(name: str, func: Callable[[argparse.Namespace], int], help_: str,
              aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -533,7 +647,7 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
         if only is not None and only != name and only not in aliases:
             return cast("argparse.ArgumentParser", _Unused())
         built += 1
-        sp = sub.add_parser(name, help=help_, description=help_, aliases=list(aliases), formatter_class=_Formatter)
+        sp = add_verb(name, help_, aliases)
         sp.set_defaults(func=func)
         return sp
 
@@ -693,7 +807,7 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, int]:
 
     sp = verb("clean", verb_clean, "remove what killed creates, imports and runs left behind")
     sp.add_argument("--cache", action="store_true", help="also remove the cached bootstraps")
-    return p, built
+    return built
 
 
 def run() -> NoReturn:
@@ -721,9 +835,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("MACHINED_DEBUG") == "1"
     log.DEBUG = debug
     try:
-        first = next((a for a in argv if not a.startswith("-")), None)
-        helping = any(a in ("-h", "--help") for a in argv[: argv.index(first) if first else len(argv)])
-        args = parser(None if helping else first).parse_args(argv)
+        args = _quick_parse(argv)
+        if args is None:
+            first = next((a for a in argv if not a.startswith("-")), None)
+            helping = any(a in ("-h", "--help") for a in argv[: argv.index(first) if first else len(argv)])
+            args = parser(None if helping else first).parse_args(argv)
         if command is not None:
             if not hasattr(args, "command"):
                 log.die(f"Invalid arguments: {args.verb} takes no command after '--'")

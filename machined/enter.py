@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 import struct
 import termios
 
-from machined import cgroups, linux, mounts, security, spawn, state, terminal
+from machined import cgroups, linux, mounts, security, signals, spawn, state, terminal
 from machined.log import MachinedError, die
 
 NAMESPACES = (linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
@@ -173,7 +172,7 @@ def _child(data: dict[str, object], pidfd: int, leader_pid: int, argv: list[str]
         os.close(master)
     else:
         sock.send(b"R")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.signal(signals.SIGINT, signals.SIG_IGN)
     _, status = os.waitpid(pid, 0)
     return _exit_code(status)
 

@@ -24,13 +24,12 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import time
 from typing import Any
 
-from machined import config, linux, mounts, paths, state
+from machined import config, linux, mounts, paths, signals, state
 from machined.log import MachinedError, die
 
 FICLONE = 0x40049409
@@ -65,7 +64,7 @@ def copy_tree(src: str, dst: str) -> None:
 
 def die_with_us() -> None:
     """preexec_fn of helpers (cp, tar): a killed mctl must not leave one writing into a tree."""
-    linux.set_pdeathsig(signal.SIGKILL)
+    linux.set_pdeathsig(signals.SIGKILL)
 
 
 def remove_tree(path: str) -> None:

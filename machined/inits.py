@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
 
-from machined import mounts
+from machined import mounts, signals
 
 # name: (poweroff, reboot, halt). systemd: SIGRTMIN+4 / SIGINT / SIGRTMIN+3; busybox: SIGUSR2 /
 # SIGTERM / SIGUSR1; sysvinit as LXC drives it: SIGPWR / SIGINT; a plain command gets SIGTERM.
 SIGNALS: dict[str, tuple[int, int, int]] = {
-    "systemd": (signal.SIGRTMIN + 4, signal.SIGINT, signal.SIGRTMIN + 3),
-    "busybox": (signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR1),
-    "sysvinit": (signal.SIGPWR, signal.SIGINT, signal.SIGPWR),
-    "command": (signal.SIGTERM, signal.SIGTERM, signal.SIGTERM),
+    "systemd": (signals.SIGRTMIN + 4, signals.SIGINT, signals.SIGRTMIN + 3),
+    "busybox": (signals.SIGUSR2, signals.SIGTERM, signals.SIGUSR1),
+    "sysvinit": (signals.SIGPWR, signals.SIGINT, signals.SIGPWR),
+    "command": (signals.SIGTERM, signals.SIGTERM, signals.SIGTERM),
 }
 
 

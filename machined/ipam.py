@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
-import json
 import os
 
 import machined
-from machined import paths, state
+from machined import jsonc, paths, state
 from machined.log import die
 
 TYPE_CHECKING = False
@@ -36,8 +35,7 @@ def store_path() -> str:
 
 def _load() -> dict[str, dict[str, dict[str, object]]]:
     try:
-        with open(store_path()) as f:
-            data = json.load(f)
+        data = jsonc.load(store_path())
     except (FileNotFoundError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
@@ -82,7 +80,7 @@ class Store:
             return
         tmp = f"{store_path()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(live, f, indent=1, sort_keys=True)
+            f.write(jsonc.dumps(live, sort_keys=True))
         os.replace(tmp, store_path())
 
     def _reclaim(self) -> None:

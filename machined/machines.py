@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 
-from machined import linux, paths, state
+from machined import linux, paths, signals, state
 from machined.log import die
 
 TYPE_CHECKING = False
@@ -140,17 +139,17 @@ def stop(name: str, how: str, timeout: float | None = None, wait: bool = True) -
     data = state.require_running(name)
     resources.thaw_for_stop(data)  # a frozen (v1) process takes no signal, not even SIGKILL
     if how == "terminate":
-        state.signal_leader(data, signal.SIGKILL)
+        state.signal_leader(data, signals.SIGKILL)
         limit = 10.0
     elif how == "poweroff":
-        _signal_supervisor(data, signal.SIGTERM)
+        _signal_supervisor(data, signals.SIGTERM)
         limit = (timeout if timeout is not None else _kill_timeout(name)) + 2.0
     else:
         state.signal_leader(data, inits.halt_signal(str(data.get("init", "command"))), settle=5.0)
         limit = timeout if timeout is not None else _kill_timeout(name)
     if not wait or _wait_gone(data, limit):
         return
-    state.signal_leader(data, signal.SIGKILL)
+    state.signal_leader(data, signals.SIGKILL)
     if not _wait_gone(data, 10.0):
         die(f"Failed to stop {name}: its supervisor does not exit")
 
@@ -195,9 +194,6 @@ def reboot(name: str, wait: bool = True, timeout: float = 60.0) -> None:
     die(f"Failed to reboot {name}: no new init after {timeout:.0f} s")
 
 
-SIGNAL_NAMES = {s.name: s for s in signal.Signals}
-
-
 def parse_signal(text: str) -> int:
     t = text.upper()
     if t.isdigit():
@@ -205,9 +201,10 @@ def parse_signal(text: str) -> int:
     if not t.startswith("SIG"):
         t = "SIG" + t
     if t.startswith("SIGRTMIN+") and t[9:].isdigit():
-        return int(signal.SIGRTMIN) + int(t[9:])
-    if t in SIGNAL_NAMES:
-        return int(SIGNAL_NAMES[t])
+        return int(signals.SIGRTMIN) + int(t[9:])
+    number = signals.by_name().get(t)
+    if number is not None:
+        return number
     die(f"Invalid signal {text!r}")
 
 

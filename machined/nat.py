@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import json
 
+from machined import jsonc
 from machined.log import MachinedError
 
 TYPE_CHECKING = False
@@ -63,12 +63,12 @@ def run(commands: list[dict[str, object]]) -> dict[str, object]:
         lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
         lib.nft_ctx_buffer_output(ctx)
         lib.nft_ctx_buffer_error(ctx)
-        rc = lib.nft_run_cmd_from_buffer(ctx, json.dumps({"nftables": commands}).encode())
+        rc = lib.nft_run_cmd_from_buffer(ctx, jsonc.dumps({"nftables": commands}).encode())
         if rc != 0:
             err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
             raise NftError(err.splitlines()[0] if err else f"error {rc}")
         out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
-        return json.loads(out) if out.strip() else {}
+        return jsonc.loads(out) if out.strip() else {}
     finally:
         lib.nft_ctx_free(ctx)
 

@@ -92,19 +92,20 @@ class Agent:
     def send(self, op: str, netns: int = -1, **args: Any) -> None:
         """Ask the helper to do op (a function of machined.netlink), with the network namespace netns."""
         import _socket
-        import json
+
+        from machined import jsonc
 
         self.used = True
         self.op = op
         fds = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns.to_bytes(4, sys.byteorder))] if netns >= 0 else []
         try:
-            self._socket().sendmsg([json.dumps({"op": op, **args}).encode()], fds)
+            self._socket().sendmsg([jsonc.dumps({"op": op, **args}).encode()], fds)
         except OSError as e:
             self._gone(e)
 
     def receive(self) -> Any:
         """The result of the op sent; its MachinedError is raised here as it was raised there."""
-        import json
+        from machined import jsonc
 
         try:
             data = self._socket().recv(65536)
@@ -112,7 +113,7 @@ class Agent:
             self._gone(e)
         if not data:
             self._gone(None)
-        reply: dict[str, Any] = json.loads(data)
+        reply: dict[str, Any] = jsonc.loads(data)
         if "error" in reply:
             raise MachinedError(reply["error"], reply.get("hint"))
         if "exception" in reply:
@@ -147,13 +148,14 @@ class Agent:
         if not self._close_socket():
             return
         import select
-        import signal
+
+        from machined import signals
 
         try:
             if not self.used:  # it holds nothing: no need to wait for its imports
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                signals.pidfd_send_signal(self.pidfd, signals.SIGKILL)
             if not select.select([self.pidfd], [], [], TIMEOUT)[0]:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                signals.pidfd_send_signal(self.pidfd, signals.SIGKILL)
                 select.select([self.pidfd], [], [], 5.0)
         except ProcessLookupError:
             pass  # gone already
@@ -204,16 +206,15 @@ def discard() -> None:
 def wait_gone(ref: object, timeout: float = 10.0) -> None:
     """Wait until a killed supervisor's helper (a state.proc_ref) has finished its step and ended."""
     import select
-    import signal
 
-    from machined import state
+    from machined import signals, state
 
     fd = state.open_process(ref)
     if fd is None:
         return
     try:
         if not select.select([fd], [], [], timeout)[0]:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            signals.pidfd_send_signal(fd, signals.SIGKILL)
             select.select([fd], [], [], 5.0)
     except ProcessLookupError:
         pass
@@ -252,7 +253,8 @@ def _serve(old: int) -> None:
     """The helper's life: shed mctl's descriptors, import netlink, answer until the socket ends."""
     import fcntl
     import gc
-    import signal
+
+    from machined import signals
 
     fd = fcntl.fcntl(old, fcntl.F_DUPFD_CLOEXEC, 3)  # above the standard streams, which may be closed
     os.closerange(3, fd)  # nothing of mctl's: no lock, no pipe of its caller, no other helper's socket
@@ -262,8 +264,8 @@ def _serve(old: int) -> None:
         os.dup2(null, i)
     os.close(null)
     os.setsid()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # the supervisor ends us when it has torn the network down
+    for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGHUP):
+        signals.signal(sig, signals.SIG_IGN)  # the supervisor ends us when it has torn the network down
     with open("/proc/self/comm", "w") as comm:
         comm.write(COMM)
     # The imports make tens of thousands of objects and no garbage: no collection meanwhile, and none
@@ -278,9 +280,10 @@ def _serve(old: int) -> None:
     gc.freeze()
     gc.enable()
 
-    import json
     import socket
     import traceback
+
+    from machined import jsonc
 
     conn = socket.socket(fileno=fd)
     while True:
@@ -292,7 +295,7 @@ def _serve(old: int) -> None:
             break  # the supervisor closed us, or is gone
         reply: dict[str, Any]
         try:
-            msg = json.loads(data)
+            msg = jsonc.loads(data)
             op = msg.pop("op")
             if failure:
                 raise HelperError(failure)
@@ -307,6 +310,6 @@ def _serve(old: int) -> None:
             for passed in fds:
                 os.close(passed)
         try:
-            conn.send(json.dumps(reply).encode())
+            conn.send(jsonc.dumps(reply).encode())
         except OSError:
             break

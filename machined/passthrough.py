@@ -10,10 +10,9 @@ mount namespace and imports nothing after (see spawn.seal_imports).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 
-from machined import cgroups, devices, linux, mounts, paths, spawn, state
+from machined import cgroups, devices, jsonc, linux, mounts, paths, spawn, state
 from machined.devices import Node, Rule
 from machined.log import MachinedError, die, fail
 
@@ -41,7 +40,7 @@ class DeviceList:
     def load(cls, name: str) -> DeviceList:
         try:
             with open(_file(name, "devices.json")) as f:
-                data = json.load(f)
+                data = jsonc.loads(f.read())
             return cls([Rule.parse(r) for r in data["rules"]],
                        {n["path"]: (Node.from_state(n), str(n["origin"])) for n in data["nodes"]})
         except FileNotFoundError:
@@ -54,7 +53,7 @@ class DeviceList:
         data = {"rules": [str(r) for r in self.rules],
                 "nodes": [{**node.to_state(), "origin": origin} for node, origin in self.nodes.values()]}
         with open(path + ".tmp", "w") as f:
-            f.write(json.dumps(data, separators=(",", ":")))
+            f.write(jsonc.dumps(data))
         os.replace(path + ".tmp", path)
 
 

@@ -9,11 +9,9 @@ pod ends with its last member. All changes happen under the network lock (ipam.S
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 
-from machined import linux, paths, state
+from machined import jsonc, linux, paths, signals, state
 from machined.log import MachinedError
 
 NAMESPACES = (("net", linux.CLONE_NEWNET), ("ipc", linux.CLONE_NEWIPC), ("uts", linux.CLONE_NEWUTS))
@@ -33,8 +31,7 @@ def exists(pod: str) -> bool:
 
 def read_info(pod: str) -> dict[str, object]:
     try:
-        with open(info_path(pod)) as f:
-            data = json.load(f)
+        data = jsonc.load(info_path(pod))
     except (FileNotFoundError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -43,7 +40,7 @@ def read_info(pod: str) -> dict[str, object]:
 def write_info(pod: str, info: dict[str, object]) -> None:
     tmp = info_path(pod) + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
+        f.write(jsonc.dumps(info, sort_keys=True))
     os.replace(tmp, info_path(pod))
 
 
@@ -59,7 +56,7 @@ def create(pod: str) -> None:
         try:
             os.close(ready_r)
             os.close(done_w)
-            linux.set_pdeathsig(signal.SIGKILL)
+            linux.set_pdeathsig(signals.SIGKILL)
             linux.unshare(linux.CLONE_NEWNET | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
             linux.sethostname(pod)
             linux.loopback_up()

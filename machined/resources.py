@@ -232,20 +232,20 @@ def _try(path: str) -> str | None:
 def record(name: str, res: Resources) -> None:
     """Keep the limits in force in the machine's runtime directory (the cgroup files are rounded:
     cpu.shares, BFQ weights), for status."""
-    import json
+    from machined import jsonc
 
     path = os.path.join(paths.machine_runtime_dir(name), "limits.json")
     with open(path + ".tmp", "w") as f:
-        json.dump({k: getattr(res, k) for k in KEYS if getattr(res, k) is not None}, f)
+        f.write(jsonc.dumps({k: getattr(res, k) for k in KEYS if getattr(res, k) is not None}))
     os.replace(path + ".tmp", path)
 
 
 def _recorded(name: str) -> dict[str, object]:
-    import json
+    from machined import jsonc
 
     try:
         with open(os.path.join(paths.machine_runtime_dir(name), "limits.json")) as f:
-            data = json.load(f)
+            data = jsonc.loads(f.read())
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if k in KEYS} if isinstance(data, dict) else {}

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import sys
 import termios
 
-from machined import cgroups, linux, mounts, security
+from machined import cgroups, linux, mounts, security, signals
 from machined.log import MachinedError
 
 TYPE_CHECKING = False
@@ -158,7 +157,7 @@ def _read_msg(fd: int) -> bytes:
 
 def _kill_and_reap(child: Child) -> None:
     try:
-        linux.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        linux.pidfd_send_signal(child.pidfd, signals.SIGKILL)
     except OSError:
         pass
     try:
@@ -174,11 +173,11 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
     try:
         seal_imports()
         step = "set parent death signal"
-        linux.set_pdeathsig(signal.SIGKILL)
+        linux.set_pdeathsig(signals.SIGKILL)
         # init starts with every signal at its default and none blocked (Python ignores SIGXFSZ)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        for sig in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGCHLD, signals.SIGPIPE, signals.SIGXFSZ):
+            signals.signal(sig, signals.SIG_DFL)
+        signals.pthread_sigmask(signals.SIG_SETMASK, ())
         if spec.cgroup is not None:
             step = f"join cgroup of {spec.name}"
             spec.cgroup.join_payload(0)

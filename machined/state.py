@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import time
 
-from machined import linux, paths
+from machined import jsonc, linux, paths
 from machined.log import die
 
 
@@ -87,14 +86,13 @@ def write(name: str, data: dict[str, object]) -> None:
     path = state_path(name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(json.dumps(data, separators=(",", ":")))  # no indent: the C encoder, ten times faster
+        f.write(jsonc.dumps(data))
     os.replace(tmp, path)
 
 
 def read(name: str) -> dict[str, object] | None:
     try:
-        with open(state_path(name)) as f:
-            data = json.load(f)
+        data = jsonc.load(state_path(name))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

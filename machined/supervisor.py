@@ -9,14 +9,12 @@ empty cgroup, a state file) that the next mctl call recognises by the free lock 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import select
-import signal
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, log, mounts, paths, resources, spawn, state
+from machined import cgroups, devices, inits, linux, log, mounts, paths, resources, signals, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -193,7 +191,7 @@ class Supervisor:
                     continue
                 # A booted machine that powered off or halted (reboot(2): SIGINT; or killed once
                 # its init said its final words) ended well: for a service unit, that is success.
-                code = 0 if self.plan.boot and (self.final_words or _signalled(status, signal.SIGINT)) \
+                code = 0 if self.plan.boot and (self.final_words or _signalled(status, signals.SIGINT)) \
                     else _exit_code(status)
                 break
         except MachinedError as e:
@@ -241,10 +239,10 @@ class Supervisor:
             self.net = self.plan.network
             self.net.prepare(self.data)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self.wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signals.set_wakeup_fd(self.wake_w)
+        for sig in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP):
+            signals.signal(sig, self._on_signal)
+        signals.signal(signals.SIGPIPE, signals.SIG_IGN)
         self.sel.register(self.wake_r, "signal")
         if self.plan.boot or self.attach:
             self.master, self.slave = os.openpty()
@@ -306,7 +304,8 @@ class Supervisor:
         if cfg and cfg.bind:
             from machined import binds  # imported here, in the parent: the child may not import
 
-            spec.in_child.append(functools.partial(binds.mount_all, binds=[binds.parse(b) for b in cfg.bind]))
+            parsed = [binds.parse(b) for b in cfg.bind]
+            spec.in_child.append(lambda root_fd: binds.mount_all(root_fd, parsed))
         if os.path.exists(os.path.join(self.rundir, "devices.json")):
             from machined import passthrough
 
@@ -350,7 +349,7 @@ class Supervisor:
 
     def _is_reboot(self, status: int) -> bool:
         # reboot(2) by a pid namespace's init ends it with SIGHUP (restart) or SIGINT (power off, halt).
-        return self.plan.boot and _signalled(status, signal.SIGHUP)
+        return self.plan.boot and _signalled(status, signals.SIGHUP)
 
     # --- event loop --------------------------------------------------------------------------
 
@@ -386,7 +385,7 @@ class Supervisor:
                     self._ask_init(self.asking)
                 if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                     self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
-                    self._signal_leader(signal.SIGKILL)
+                    self._signal_leader(signals.SIGKILL)
                     self.kill_deadline = None
         finally:
             self.sel.unregister(self.child.pidfd)
@@ -402,7 +401,7 @@ class Supervisor:
         sigs, self.pending_signals = self.pending_signals, []
         for sig in sigs:
             if self.stopping:
-                self._signal_leader(signal.SIGKILL)  # asked twice: no more waiting
+                self._signal_leader(signals.SIGKILL)  # asked twice: no more waiting
                 continue
             self.stopping = True
             self.data["state"] = "stopping"
@@ -458,7 +457,7 @@ class Supervisor:
         self.console_tail = (self.console_tail + data)[-512:]
         if any(w in self.console_tail for w in words):
             self.final_words = True
-            self._signal_leader(signal.SIGKILL)
+            self._signal_leader(signals.SIGKILL)
 
     def _drain_console(self) -> None:
         """Whatever init wrote just before it ended is still in the pty: keep it."""
@@ -563,7 +562,7 @@ class Supervisor:
     def _teardown(self) -> None:
         if self.child is not None and self.child.pidfd >= 0:
             resources.thaw_for_stop(self.data)
-            self._signal_leader(signal.SIGKILL)
+            self._signal_leader(signals.SIGKILL)
             try:
                 os.waitpid(self.child.pid, 0)
             except ChildProcessError:
@@ -588,7 +587,7 @@ class Supervisor:
             if fd >= 0:
                 os.close(fd)
         if self.wake_w >= 0:
-            signal.set_wakeup_fd(-1)
+            signals.set_wakeup_fd(-1)
         self.lock.release()
 
 
@@ -606,7 +605,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"killed by {signals.name(os.WTERMSIG(status))}"
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
@@ -705,7 +704,7 @@ def kill_leftovers(data: dict[str, object]) -> None:
     fd = state.open_process(data.get("leader"))
     if fd is not None:
         try:
-            linux.pidfd_send_signal(fd, signal.SIGKILL)
+            linux.pidfd_send_signal(fd, signals.SIGKILL)
         except OSError:
             pass
         os.close(fd)
@@ -726,7 +725,7 @@ def kill_leftovers(data: dict[str, object]) -> None:
             try:
                 with open(f"/proc/{pid}/cgroup") as f:
                     if f"/{scope}/" in f.read():  # still ours now that the pidfd pins it
-                        linux.pidfd_send_signal(pfd, signal.SIGKILL)
+                        linux.pidfd_send_signal(pfd, signals.SIGKILL)
             except OSError:
                 pass
             finally:

@@ -22,11 +22,10 @@ dbus-fast is imported on this path only (its message modules, not its asyncio bu
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import machined
-from machined import cgroups
+from machined import cgroups, signals
 from machined.log import MachinedError, fail
 
 TYPE_CHECKING = False
@@ -313,17 +312,18 @@ class Agent:
         self.creator = os.getpid()
 
     def send(self, op: str, **args: Any) -> None:
-        import json
+        from machined import jsonc
 
         try:
-            os.write(self.req, (json.dumps({"op": op, **args}) + "\n").encode())
+            os.write(self.req, (jsonc.dumps({"op": op, **args}) + "\n").encode())
         except OSError as e:
             raise MachinedError(f"its D-Bus helper ended ({e.strerror})") from None
 
     def receive(self) -> dict[str, Any]:
         """The reply to the oldest request; a MachinedError with the agent's reason if it failed."""
-        import json
         import select
+
+        from machined import jsonc
 
         reply = b""
         try:
@@ -336,7 +336,7 @@ class Agent:
                 reply += chunk
         except OSError as e:
             raise MachinedError(f"its D-Bus helper ended ({e.strerror})") from None
-        answer: dict[str, Any] = json.loads(reply)
+        answer: dict[str, Any] = jsonc.loads(reply)
         if answer.get("error"):
             raise (NoBus if answer.get("nobus") else MachinedError)(answer["error"])
         return answer
@@ -395,7 +395,7 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         bus = Bus()  # first: this is what the supervisor waits for
     except MachinedError as e:
         failure = str(e)
-    import json
+    from machined import jsonc
 
     for fd in inherited:  # nothing of mctl's: no lock, no pipe of its caller
         try:
@@ -409,8 +409,8 @@ def _serve(req_fd: int, rep_fd: int) -> None:
             os.dup2(null, fd)
     if null > 2:
         os.close(null)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)  # stopping the scope signals us too: we go when the supervisor says
+    for sig in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGPIPE):
+        signals.signal(sig, signals.SIG_IGN)  # stopping the scope signals us too: we go when the supervisor says
     with open("/proc/self/comm", "w") as f:
         f.write("machined-bus")
     unit = registered = ""
@@ -425,7 +425,7 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         if b"\n" not in pending:
             break  # the supervisor is gone
         line, pending = pending.split(b"\n", 1)
-        msg = json.loads(line)
+        msg = jsonc.loads(line)
         op = msg["op"]
         reply: dict[str, object] = {}
         try:
@@ -454,7 +454,7 @@ def _serve(req_fd: int, rep_fd: int) -> None:
             reply.update(error=str(e), nobus=isinstance(e, NoBus))
         if op == "close":
             break
-        os.write(rep_fd, (json.dumps(reply) + "\n").encode())
+        os.write(rep_fd, (jsonc.dumps(reply) + "\n").encode())
     if bus is not None:
         if registered:
             _call_quietly(bus, MACHINED, "UnregisterMachine", "s", [registered])
@@ -606,7 +606,8 @@ def teardown(data: dict[str, object]) -> None:
         if info.get("registered"):
             _unregister_if_ours(bus, name, str(info.get("id")))
         if unit:
-            for member, sig, body in (("AbandonScope", "s", [unit]), ("KillUnit", "ssi", [unit, "all", signal.SIGKILL]),
+            for member, sig, body in (("AbandonScope", "s", [unit]),
+                                      ("KillUnit", "ssi", [unit, "all", signals.SIGKILL]),
                                       ("UnrefUnit", "s", [unit])):
                 try:
                     bus.call(SYSTEMD, member, sig, body)

@@ -10,10 +10,11 @@ import errno
 import fcntl
 import os
 import select
-import signal
 import struct
 import termios
 import tty
+
+from machined import signals
 
 ESCAPE = b"\x1d"  # Ctrl-], three times within a second detaches, as with systemd-nspawn
 
@@ -53,8 +54,8 @@ def relay(peer_in: int, peer_out: int, *, escape: bool = True, resize_fd: int | 
     stdin_tty = os.isatty(0)
     saved = termios.tcgetattr(0) if stdin_tty else None
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(wake_w)
-    old_winch = signal.signal(signal.SIGWINCH, lambda *_: None)
+    old_wakeup = signals.set_wakeup_fd(wake_w)
+    old_winch = signals.signal(signals.SIGWINCH, lambda *_: None)
     if resize_fd is not None and stdin_tty:
         set_winsize(resize_fd, winsize(0))
     presses: list[float] = []
@@ -104,8 +105,8 @@ def relay(peer_in: int, peer_out: int, *, escape: bool = True, resize_fd: int | 
     finally:
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        signal.signal(signal.SIGWINCH, old_winch)
-        signal.set_wakeup_fd(old_wakeup)
+        signals.signal(signals.SIGWINCH, old_winch)
+        signals.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
         os.close(wake_w)
 
