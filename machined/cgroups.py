@@ -17,7 +17,6 @@ from machined.log import fail
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from _thread import LockType
     from collections.abc import Iterable, Iterator
 
     from machined.config import Resources
@@ -133,56 +132,6 @@ def hierarchies(which: str | None = None) -> list[Hierarchy]:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
-
-
-_PREWARM = {"until": 0.0}
-_prewarming: list[tuple[int, LockType]] = []  # (our pid, a lock the thread holds while it runs)
-
-
-def prewarm(seconds: float = 2.0) -> None:
-    """Keep the kernel ready for cgroup migrations while a machine starts.
-
-    The first migration after a quiet spell waits for an RCU grace period (cgroup_threadgroup_rwsem
-    switching to its writer mode, ~15 ms here), and the kernel returns to the quiet mode a grace
-    period after the last one. A background thread starts that wait as mctl starts (overlapping it
-    with the imports) and repeats a no-op move of this process into its own cgroup until the
-    machine's real migration is done (prewarm_done) or the time is up, so that migration never
-    waits. Best effort: any error ends the thread.
-    """
-    import _thread
-
-    _PREWARM["until"] = time.monotonic() + seconds
-    running = _thread.allocate_lock()
-    running.acquire()
-    _prewarming.append((os.getpid(), running))
-
-    def move_self() -> None:
-        # As little Python as possible: this thread competes with the imports for the GIL.
-        try:
-            with open("/proc/self/cgroup") as f:
-                v2 = next(line[3:].strip() for line in f if line.startswith("0::"))
-            target = next(f"{top}{v2}/cgroup.procs" for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
-                          if os.path.exists(f"{top}{v2}/cgroup.procs"))
-            pid = str(os.getpid())
-            while time.monotonic() < _PREWARM["until"]:
-                linux.write_file(target, pid)
-                time.sleep(0.005)
-        except (OSError, StopIteration):
-            pass
-        finally:
-            running.release()
-
-    _thread.start_new_thread(move_self, ())
-
-
-def prewarm_done(wait: bool = False) -> None:
-    """No more keeping warm. wait: until the thread has stopped, before this process moves to
-    another cgroup (a supervisor joining its machine's scope), which the thread would undo."""
-    _PREWARM["until"] = 0.0
-    for pid, running in _prewarming if wait else ():
-        if pid == os.getpid():  # (a forked supervisor has no such thread)
-            running.acquire()
-            running.release()
 
 
 def scope_name(name: str) -> str:

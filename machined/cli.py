@@ -8,43 +8,6 @@ import sys
 from machined import log
 from machined.log import MachinedError
 
-
-def _prewarm_if_starting() -> None:
-    """Starting a machine moves processes between cgroups, and the kernel's first move after a
-    quiet spell waits for an RCU grace period (~15 ms here): begin that wait now, before the
-    imports below, so that it overlaps with them (see cgroups.prewarm). Before that thread, for a
-    start or run of one machine, fork the helpers that load their libraries on another CPU
-    meanwhile: where systemd runs the machine's D-Bus agent (see systemd.prefork), and where its
-    network has links its network helper (see netagent)."""
-    words: list[str] = []
-    options: dict[str, str] = {}
-    rest = iter(sys.argv[1:])
-    for arg in rest:
-        if arg == "--":
-            break
-        if arg.startswith("--") and "=" in arg:
-            options[arg.partition("=")[0]] = arg.partition("=")[2]
-        elif arg in ("--network", "-p", "--port", "--pod", "-D", "--directory"):  # options with a value
-            options[arg] = next(rest, "")
-        elif arg.startswith("-"):
-            options[arg] = ""
-        else:
-            words.append(arg)
-    if words[:1] in (["run"], ["start"]) and os.geteuid() == 0:
-        one = (words[0] == "run" or len(words) == 2) and not {"-h", "--help"} & set(options)
-        if one and len(words) > 1 and not {"-D", "--directory"} & set(options):
-            from machined import netagent  # first: the longest imports
-
-            netagent.prefork(words[1], options.get("--network") or None)  # (empty: the settings')
-        from machined import cgroups, systemd
-
-        if one:
-            systemd.prefork()
-        cgroups.prewarm()
-
-
-_prewarm_if_starting()
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -826,6 +789,28 @@ def run() -> NoReturn:
     os._exit(code)
 
 
+def _get_ready(args: argparse.Namespace) -> None:
+    """For a start or run of one machine, fork the helpers that load their libraries on another
+    CPU meanwhile: where systemd runs the machine's D-Bus agent (systemd.prefork), and where its
+    network has links its network helper (netagent.prefork). Then begin the wait of the kernel's
+    first cgroup migration (prewarm), after those forks: a fork waits for a migration."""
+    if args.verb not in ("run", "start") or os.geteuid() != 0:
+        return
+    names = args.names if args.verb == "start" else [args.name] if args.name and not args.directory else []
+    one = args.verb == "run" or len(names) == 1
+    if one and names:
+        from machined import netagent
+
+        netagent.prefork(names[0], getattr(args, "network", None))  # None: the settings'
+    if one:
+        from machined import systemd
+
+        systemd.prefork()
+    from machined import prewarm
+
+    prewarm.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] | None = None
@@ -840,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             first = next((a for a in argv if not a.startswith("-")), None)
             helping = any(a in ("-h", "--help") for a in argv[: argv.index(first) if first else len(argv)])
             args = parser(None if helping else first).parse_args(argv)
+        _get_ready(args)
         if command is not None:
             if not hasattr(args, "command"):
                 log.die(f"Invalid arguments: {args.verb} takes no command after '--'")

@@ -14,7 +14,7 @@ import select
 import sys
 import time
 
-from machined import cgroups, devices, inits, linux, log, mounts, paths, resources, signals, spawn, state
+from machined import cgroups, devices, inits, linux, log, mounts, paths, prewarm, resources, signals, spawn, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -175,7 +175,7 @@ class Supervisor:
             self._prepare()
             while True:
                 self.child = spawn.spawn(self._spec())
-                cgroups.prewarm_done()  # the machine is in its cgroup: no more keeping warm
+                prewarm.done()  # the machine is in its cgroup: no more keeping warm
                 self.boots += 1
                 if self.unit is not None:
                     self.unit.register(self.child.pid, self.data.get("interfaces"))

@@ -25,7 +25,7 @@ import os
 import time
 
 import machined
-from machined import cgroups, signals
+from machined import prewarm, signals
 from machined.log import MachinedError, fail
 
 TYPE_CHECKING = False
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from typing import Any
 
+    from machined import cgroups
     from machined.config import Resources
     from machined.devices import Rule
     from machined.supervisor import Plan
@@ -395,7 +396,7 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         bus = Bus()  # first: this is what the supervisor waits for
     except MachinedError as e:
         failure = str(e)
-    from machined import jsonc
+    from machined import cgroups, jsonc
 
     for fd in inherited:  # nothing of mctl's: no lock, no pipe of its caller
         try:
@@ -558,12 +559,14 @@ def set_properties(data: dict[str, object], props: list[tuple[str, str, Any]]) -
 def _adopt(name: str, unit: str, pids: tuple[int, ...], where: dict[str, Any]) -> cgroups.MachineCgroup:
     """Join unit, where systemd has put the agent (which says where that is): its 'supervisor'
     sub-cgroup for us, the agent and our other helpers (pids), 'payload' for the machine."""
+    from machined import cgroups
+
     dirs: dict[str, list[Any]] = where.get("dirs") or {}
     if not dirs:
         fail(f"set up the cgroup of {name}", f"systemd did not put the machine's D-Bus helper into {unit}")
     cg = cgroups.MachineCgroup(str(where["layout"]), {mp: d for mp, (d, _, _) in dirs.items()},
                                {mp: key for mp, (_, key, _) in dirs.items()}, delegated=True)
-    cgroups.prewarm_done(wait=True)  # its moves of this process would take us out of the scope again
+    prewarm.done(wait=True)  # its moves of this process would take us out of the scope again
     try:
         for d in cg.dirs.values():
             for sub in (SUPERVISOR, cgroups.PAYLOAD):

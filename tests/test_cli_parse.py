@@ -183,6 +183,7 @@ def test_main_uses_the_quick_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "verb_run", verb_run)
     monkeypatch.setattr(cli, "parser", no_parser)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cli, "_get_ready", lambda a: None)  # no helpers forked, no prewarm thread here
     assert cli.main(["run", "m", "--read-only", "--", "ls", "-l"]) == 7
     assert (got[0].name, got[0].command, got[0].read_only, got[0].verb) == ("m", ["ls", "-l"], True, "run")
 

@@ -64,7 +64,9 @@ def test_no_helper_without_links(env: Env) -> None:
     """Loopback-only machines (mode none, run --directory) get no helper: nothing is forked for them."""
     name = env.name()
     env.ok("create", name, "--template", "busybox", "--network", "none")
-    code = "from machined import cli, netagent; print(len(netagent._agents))"  # cli decides as it loads
+    code = ("import sys; from machined import cli, netagent; argv = sys.argv[1:]; "  # as main() decides
+            "cli._get_ready(cli._quick_parse(argv[:argv.index('--')] if '--' in argv else argv)); "
+            "print(len(netagent._agents))")
     cases = {("start", name): 0, ("start", name, "--network", "bridge"): 1, ("run", name, "--", "true"): 0,
              ("run", "--directory", str(env.images / name), "--", "true"): 0,
              ("start", name, "--network=veth", "--foreground"): 1, ("start", name, "other"): 0,
