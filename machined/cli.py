@@ -790,12 +790,15 @@ def run() -> NoReturn:
 
 
 def _get_ready(args: argparse.Namespace) -> None:
-    """For a start or run of one machine, fork the helpers that load their libraries on another
-    CPU meanwhile: where systemd runs the machine's D-Bus agent (systemd.prefork), and where its
-    network has links its network helper (netagent.prefork). Then begin the wait of the kernel's
-    first cgroup migration (prewarm), after those forks: a fork waits for a migration."""
+    """For a start or run: begin the wait of the kernel's first cgroup migration now (prewarm).
+    For one machine, also fork the helpers that load their libraries on another CPU meanwhile:
+    where systemd runs the machine's D-Bus agent (systemd.prefork), and where its network has
+    links its network helper (netagent.prefork)."""
     if args.verb not in ("run", "start") or os.geteuid() != 0:
         return
+    from machined import prewarm
+
+    prewarm.start()  # (a fork waits for a migration itself, not for the grace period before it)
     names = args.names if args.verb == "start" else [args.name] if args.name and not args.directory else []
     one = args.verb == "run" or len(names) == 1
     if one and names:
@@ -806,9 +809,6 @@ def _get_ready(args: argparse.Namespace) -> None:
         from machined import systemd
 
         systemd.prefork()
-    from machined import prewarm
-
-    prewarm.start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,9 @@ _running: list[tuple[int, LockType]] = []  # (our pid, a lock the thread holds w
 
 
 def start(seconds: float = 2.0) -> None:
+    """Once per process; mctl's script calls it before anything else for run and start."""
+    if any(pid == os.getpid() for pid, _ in _running):
+        return
     _UNTIL["time"] = time.monotonic() + seconds
     running = _thread.allocate_lock()
     running.acquire()

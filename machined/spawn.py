@@ -2,9 +2,14 @@
 
 The parent unshares only its pid namespace for children, forks, and goes straight back to its own
 (so it can keep forking helpers on the host). The child is PID 1 of the new pid namespace; it
-joins the machine's cgroup, unshares mount, UTS, IPC, network and cgroup namespaces, builds its
-root and execs. A pipe reports either an error message or, by closing on exec, success: the
-parent returns once the guest's init really runs.
+unshares mount, UTS, IPC and network namespaces and builds its root while the parent runs its
+hooks (the machine's links), makes the machine's cgroup if it is not there yet and moves the child
+into it. Then the child unshares its cgroup namespace, mounts /sys, changes root and execs. A pipe
+reports either an error message or, by closing on exec, success: the parent returns once the
+guest's init really runs.
+
+The cgroup comes after the fork because the first cgroup move of a start waits for an RCU grace
+period (see prewarm), and every cgroup operation with it: the child's mounts are done meanwhile.
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ class Spec:
         self.in_child: list[Callable[[int], None]] = []
         # Namespaces to join instead of making new ones (a pod's): (fd, CLONE_NEW* type).
         self.join: list[tuple[int, int]] = []
+        # Makes the machine's cgroup in the parent while the child builds its root (then cgroup);
+        # after_go runs in the parent once the child goes on to exec.
+        self.make_cgroup: Callable[[], MachineCgroup] | None = None
+        self.after_go: list[Callable[[], None]] = []
+
+    def waits(self) -> bool:
+        """Whether the child waits for the parent's go before its cgroup namespace."""
+        return bool(self.on_namespaces) or self.cgroup is not None or self.make_cgroup is not None
 
 
 def machine_env(spec: Spec) -> dict[str, str]:
@@ -94,6 +107,7 @@ def spawn(spec: Spec) -> Child:
     status_r, status_w = os.pipe()   # child -> parent: b"N" namespaces ready, b"E<msg>" error, EOF exec'd
     go_r, go_w = os.pipe()           # parent -> child: b"G" proceed
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    layout = spec.cgroup.layout if spec.cgroup is not None else cgroups.layout()  # (made, or to be made)
     try:
         linux.unshare(linux.CLONE_NEWPID)
         try:
@@ -104,7 +118,7 @@ def spawn(spec: Spec) -> Child:
         if pid == 0:
             os.close(status_r)
             os.close(go_w)
-            _child_main(spec, status_w, go_r)
+            _child_main(spec, layout, status_w, go_r)
         # Back to our own pid namespace for any later child (helpers, the next boot).
         linux.setns(own_pidns, linux.CLONE_NEWPID)
     finally:
@@ -114,33 +128,47 @@ def spawn(spec: Spec) -> Child:
     pidfd = os.pidfd_open(pid)
     child = Child(pid, pidfd)
     try:
-        msg = _read_msg(status_r)
-        if msg == b"N":
-            try:
-                for hook in spec.on_namespaces:
-                    hook(pid)
-            except BaseException:
-                os.close(go_w)  # the child gives up at its wait, if it got that far
-                go_w = -1
-                said = _read_msg(status_r)
-                if said[:1] == b"E":  # it failed first, which may be why the hook did
-                    raise MachinedError(said[1:].decode(errors="replace")) from None
-                raise
-            try:
-                os.write(go_w, b"G")
-            except BrokenPipeError:
-                pass  # the child failed meanwhile: its message follows
-            msg = _read_msg(status_r)
-        if msg:
-            raise MachinedError(msg[1:].decode(errors="replace") if msg[:1] == b"E" else f"protocol error {msg!r}")
+        _go(spec, pid, status_r, go_w)
+        _raise_for(_read_msg(status_r))
     except BaseException:
         _kill_and_reap(child)
         raise
     finally:
         os.close(status_r)
-        if go_w >= 0:
-            os.close(go_w)
     return child
+
+
+def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
+    """The parent's part before the child's exec: hooks, cgroup, then go (closes go_w)."""
+    try:
+        if spec.on_namespaces:
+            _raise_for(_read_msg(status_r), expected=b"N")
+            for hook in spec.on_namespaces:
+                hook(pid)
+        if spec.make_cgroup is not None:
+            spec.cgroup = spec.make_cgroup()
+        if spec.cgroup is not None:
+            spec.cgroup.join_payload(pid)
+    except BaseException:
+        os.close(go_w)  # the child gives up at its wait, if it got that far
+        said = _read_msg(status_r)
+        if said[:1] == b"E":  # it failed first, which may be why we did
+            raise MachinedError(said[1:].decode(errors="replace")) from None
+        raise
+    try:
+        if spec.waits():
+            os.write(go_w, b"G")
+    except BrokenPipeError:
+        pass  # the child failed meanwhile: its message follows
+    finally:
+        os.close(go_w)
+    for step in spec.after_go:
+        step()
+
+
+def _raise_for(msg: bytes, expected: bytes = b"") -> None:
+    if msg != expected:
+        raise MachinedError(msg[1:].decode(errors="replace") if msg[:1] == b"E" else f"protocol error {msg!r}")
 
 
 def _read_msg(fd: int) -> bytes:
@@ -167,7 +195,7 @@ def _kill_and_reap(child: Child) -> None:
     child.close()
 
 
-def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
+def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
     """PID 1 of the new namespace until exec. Never returns."""
     step = "set up the machine"
     try:
@@ -178,11 +206,8 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
         for sig in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGCHLD, signals.SIGPIPE, signals.SIGXFSZ):
             signals.signal(sig, signals.SIG_DFL)
         signals.pthread_sigmask(signals.SIG_SETMASK, ())
-        if spec.cgroup is not None:
-            step = f"join cgroup of {spec.name}"
-            spec.cgroup.join_payload(0)
         step = "create namespaces"
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWCGROUP
+        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
         for fd, nstype in spec.join:
             step = "join the pod's namespaces"
             linux.setns(fd, nstype)
@@ -199,8 +224,6 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
         root_fd = mounts.prepare_root(spec.rootfs, spec.read_only, spec.overlay)
         step = "mount /proc"
         mounts.setup_proc(root_fd, spec.inaccessible, private_network=True)
-        step = "mount /sys"
-        mounts.setup_sys(root_fd, spec.cgroup.layout if spec.cgroup else cgroups.layout(), spec.nesting)
         step = "set up /dev"
         mounts.setup_dev(root_fd, spec.console)
         step = "mount /run"
@@ -212,14 +235,18 @@ def _child_main(spec: Spec, status_w: int, go_r: int) -> None:
             mounts.setup_machine_id(root_fd, spec.machine_id, spec.machine_id_file)
         for hook in spec.in_child:
             hook(root_fd)
+        if spec.waits() and os.read(go_r, 1) != b"G":
+            os._exit(1)  # the parent's hooks or the cgroup failed: it reports that
+        os.close(go_r)
+        step = "create cgroup namespace"  # rooted in the machine's cgroup, where the parent put us
+        linux.unshare(linux.CLONE_NEWCGROUP)
+        step = "mount /sys"
+        mounts.setup_sys(root_fd, layout, spec.nesting)
         os.close(root_fd)
         step = "change root"
         mounts.enter_root(spec.rootfs)
         step = "drop capabilities"
         security.drop_capabilities(("NET_ADMIN",))
-        if spec.on_namespaces and os.read(go_r, 1) != b"G":
-            os._exit(1)  # the parent's hooks failed: it reports that
-        os.close(go_r)
         step = "set up the terminal"
         os.setsid()
         if spec.console:

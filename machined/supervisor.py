@@ -225,9 +225,10 @@ class Supervisor:
         if self.unit is not None:  # its device policy and limits are the scope's properties
             helper = self.plan.network.agent if self.plan.network is not None else None
             self.cgroup = self.unit.create(self.data, (helper.pid,) if helper is not None else ())
-        else:
-            self.cgroup = cgroups.create(self.plan.name, self.plan.all_rules(), limits=self.plan.limits)
-        self.data["cgroup"] = self.cgroup.to_state()
+            self.data["cgroup"] = self.cgroup.to_state()
+        elif self.plan.hotplug:  # its watcher brings the cgroup in line before the first boot
+            self._make_cgroup()
+        # else spawn has _make_cgroup make it once the child runs (see spawn)
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
         if self.plan.limits is not None:
             resources.record(self.plan.name, self.plan.limits)
@@ -268,6 +269,11 @@ class Supervisor:
             self.sel.register(0, "stdin")
         if self.plan.hotplug:
             self._watch_hotplug()
+
+    def _make_cgroup(self) -> cgroups.MachineCgroup:
+        self.cgroup = cgroups.create(self.plan.name, self.plan.all_rules(), limits=self.plan.limits)
+        self.data["cgroup"] = self.cgroup.to_state()
+        return self.cgroup
 
     def _watch_hotplug(self) -> None:
         from machined import hotplug
@@ -312,6 +318,9 @@ class Supervisor:
             hook = passthrough.node_hook(self.plan.name)  # settings, bind-device and hotplug, at every boot
             if hook is not None:
                 spec.in_child.append(hook)
+        if self.cgroup is None:
+            spec.make_cgroup = self._make_cgroup
+            spec.after_go.append(lambda: state.write(self.plan.name, self.data))  # with the cgroup to clean up
         if self.net is not None:
             spec.join = self.net.join_namespaces()
             spec.on_namespaces.append(self.net.attach)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from machined import spawn
+from machined import cgroups, spawn
 from machined.log import MachinedError
 from tests.conftest import Env
 from tests.test_teardown import _wait as wait
@@ -97,3 +97,57 @@ def test_a_failing_hook_is_the_error_and_nothing_runs(env: Env, tmp_path: Path) 
         spawn.spawn(spec)
     assert not (rootfs / "ran").exists()  # the payload never ran
     assert not Path(f"/proc/{pids[0]}").exists()  # the child is gone and reaped
+
+
+def test_the_cgroup_is_made_while_the_child_builds_its_root(env: Env, tmp_path: Path) -> None:
+    """The parent makes the machine's cgroup (which may wait for the kernel) while the child mounts;
+    the child goes on only once it is in there, and its cgroup namespace is rooted there."""
+    rootfs = _rootfs(env)
+    marker = tmp_path / "root-built"
+    name = env.name()
+    r, w = os.pipe()
+    spec = _spec(env, rootfs, tmp_path, ["/bin/sh", "-c", "cat /proc/self/cgroup; exec sleep 10"])
+    spec.stdio = (0, w, 2)
+    spec.in_child.append(lambda root_fd: marker.touch())
+    made: list[cgroups.MachineCgroup] = []
+
+    def make() -> cgroups.MachineCgroup:
+        assert wait(marker.exists)  # the child built its root meanwhile
+        made.append(cgroups.create(name))
+        return made[0]
+
+    spec.make_cgroup = make
+    try:
+        child = spawn.spawn(spec)
+        os.close(w)
+        try:
+            host_view = Path(f"/proc/{child.pid}/cgroup").read_text().split()
+            seen = os.read(r, 65536).decode().split()  # (one write of cat's)
+            os.kill(child.pid, 9)
+            os.waitpid(child.pid, 0)
+        finally:
+            child.close()
+    finally:
+        os.close(r)
+        for cg in made:
+            cg.remove()
+    assert made and spec.cgroup is made[0]
+    scope = f"/machine.slice/machine-{name}.scope/payload"
+    assert host_view and all(line.endswith(scope) for line in host_view), host_view  # every hierarchy
+    assert len(seen) == len(host_view) and all(line.endswith(":/") for line in seen), seen  # its namespace's root
+
+
+def test_a_failed_cgroup_is_the_error_and_nothing_runs(env: Env, tmp_path: Path) -> None:
+    rootfs = _rootfs(env)
+    spec = _spec(env, rootfs, tmp_path, ["/bin/sh", "-c", "echo ran > /ran"])
+    forked: list[int] = []
+    spec.on_namespaces.append(forked.append)
+
+    def make() -> cgroups.MachineCgroup:
+        raise MachinedError("Failed to create cgroup for spawntest: no room")
+
+    spec.make_cgroup = make
+    with pytest.raises(MachinedError, match="no room"):
+        spawn.spawn(spec)
+    assert not (rootfs / "ran").exists()
+    assert forked and not Path(f"/proc/{forked[0]}").exists()  # the child is gone and reaped
