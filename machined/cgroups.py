@@ -266,18 +266,25 @@ def _copy_cpuset(parent: str, child: str) -> None:
         linux.write_file(os.path.join(child, key), _read(os.path.join(parent, key)).strip() or "\n")
 
 
-def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None,
-           limits: Resources | None = None) -> MachineCgroup:
-    """Create the machine's scope and payload in every hierarchy, with its device policy and limits;
-    undone completely on failure."""
+def planned(name: str, which: str | None = None) -> MachineCgroup:
+    """The machine's scope directories before they exist: recorded first, a crash while they are
+    made leaves them to the cleanup."""
     which = which or layout()
     hs = hierarchies(which)
     if not hs:
         fail(f"create cgroup for {name}", "no cgroup hierarchy is mounted")
-    cg = MachineCgroup(which, {}, {})
+    return MachineCgroup(which, {h.mountpoint: os.path.join(h.base, SLICE, scope_name(name)) for h in hs},
+                         {h.mountpoint: h.key for h in hs})
+
+
+def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: str | None = None,
+           limits: Resources | None = None) -> MachineCgroup:
+    """Create the machine's scope and payload in every hierarchy, with its device policy and limits;
+    undone completely on failure."""
+    cg = planned(name, which)
     try:
-        for h in hs:
-            scope = os.path.join(h.base, SLICE, scope_name(name))
+        for h in hierarchies(cg.layout):
+            scope = cg.dirs[h.mountpoint]
             try:
                 os.mkdir(scope)
             except FileExistsError:
@@ -287,8 +294,6 @@ def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: st
             except FileNotFoundError:
                 _mkdir(os.path.dirname(scope))  # the first machine: make the slice
                 os.mkdir(scope)
-            cg.dirs[h.mountpoint] = scope
-            cg.keys[h.mountpoint] = h.key
             if "cpuset" in h.controllers:
                 if not _read(os.path.join(os.path.dirname(scope), "cpuset.cpus")).strip():
                     _copy_cpuset(h.base, os.path.dirname(scope))
@@ -297,7 +302,7 @@ def create(name: str, allow: Iterable[devices.Rule] = devices.DEFAULT, which: st
                 devices.apply_v1(scope, allow)  # before payload exists: v1 refuses deny-all with children
             if h.version == 2:
                 _enable_v2_controllers(os.path.dirname(os.path.dirname(scope)), os.path.dirname(scope), scope)
-                if which == "unified":
+                if cg.layout == "unified":
                     devices.apply_v2(scope, allow)
             payload = os.path.join(scope, PAYLOAD)
             os.mkdir(payload)

@@ -66,10 +66,8 @@ class Spec:
         self.in_child: list[Callable[[int], None]] = []
         # Namespaces to join instead of making new ones (a pod's): (fd, CLONE_NEW* type).
         self.join: list[tuple[int, int]] = []
-        # Makes the machine's cgroup in the parent while the child builds its root (then cgroup);
-        # after_go runs in the parent once the child goes on to exec.
+        # Makes the machine's cgroup in the parent while the child builds its root (then cgroup).
         self.make_cgroup: Callable[[], MachineCgroup] | None = None
-        self.after_go: list[Callable[[], None]] = []
 
     def waits(self) -> bool:
         """Whether the child waits for the parent's go before its cgroup namespace."""
@@ -162,8 +160,6 @@ def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
         pass  # the child failed meanwhile: its message follows
     finally:
         os.close(go_w)
-    for step in spec.after_go:
-        step()
 
 
 def _raise_for(msg: bytes, expected: bytes = b"") -> None:

@@ -228,7 +228,8 @@ class Supervisor:
             self.data["cgroup"] = self.cgroup.to_state()
         elif self.plan.hotplug:  # its watcher brings the cgroup in line before the first boot
             self._make_cgroup()
-        # else spawn has _make_cgroup make it once the child runs (see spawn)
+        else:  # spawn has _make_cgroup make it once the child runs (see spawn)
+            self.data["cgroup"] = cgroups.planned(self.plan.name).to_state()
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
         if self.plan.limits is not None:
             resources.record(self.plan.name, self.plan.limits)
@@ -320,7 +321,6 @@ class Supervisor:
                 spec.in_child.append(hook)
         if self.cgroup is None:
             spec.make_cgroup = self._make_cgroup
-            spec.after_go.append(lambda: state.write(self.plan.name, self.data))  # with the cgroup to clean up
         if self.net is not None:
             spec.join = self.net.join_namespaces()
             spec.on_namespaces.append(self.net.attach)

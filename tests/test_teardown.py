@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,23 @@ def test_supervisor_killed_leaves_nothing_after_next_call(env: Env) -> None:
     assert_nothing_left(env, name)
     env.ok("start", name)  # the name is free again
     env.ok("poweroff", name)
+    assert_nothing_left(env, name)
+
+
+def test_supervisor_killed_while_it_makes_the_cgroup(env: Env) -> None:
+    """The supervisor records the machine's cgroup before it makes it (its child builds the root
+    meanwhile): killed in between, it leaves nothing that the next call does not clean up."""
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    code = ("import os, subprocess, sys; from machined import cgroups, paths, state; name = sys.argv[1]; "
+            "gone = subprocess.Popen(['sleep', '60']); ref = state.proc_ref(gone.pid); gone.kill(); gone.wait(); "
+            "os.makedirs(paths.machine_runtime_dir(name)); "
+            "state.write(name, {'name': name, 'supervisor': ref, 'state': 'starting', "
+            "'cgroup': cgroups.planned(name).to_state()}); "
+            "cgroups.create(name)")
+    subprocess.run([sys.executable, "-c", code, name], env=env.environ(), check=True, timeout=60)
+    assert _cgroups(name) and (env.runtime / "machines" / name / "state.json").exists()
+    assert json.loads(env.ok("list", "-o", "json")) == []
     assert_nothing_left(env, name)
 
 
