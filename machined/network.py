@@ -26,6 +26,7 @@ from machined.log import die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from machined.config import MachineConfig
@@ -198,22 +199,40 @@ class MachineNetwork:
             self.pod_fds = pods.open_namespaces(self.pod)
         return self.pod_fds
 
-    def attach(self, pid: int) -> None:
-        """on_namespaces hook: the child's namespaces exist, its init has not started."""
+    def attach(self, pid: int) -> Callable[[], None] | None:
+        """on_namespaces hook: the child's namespaces exist, its init has not started. Asks the helper
+        for the machine's links; spawn calls what this returns for the answer once it has made the
+        cgroup meanwhile."""
         for fd, _ in self.pod_fds:
             os.close(fd)
         self.pod_fds = []
         if self.pod:
-            return  # the pod's network is in place
+            return None  # the pod's network is in place
         self.end_boot()
         self.netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        if self.mode.kind in ("bridge", "veth"):
-            with ipam.Store(load=False):  # the bridge cannot vanish between its check and our port
-                self._attach_links()
-        else:
-            self._attach_links()
+        # The bridge cannot vanish between its check and our port: the network lock until the answer.
+        lock = ipam.Store(load=False).__enter__() if self.mode.kind in ("bridge", "veth") else None
+        try:
+            self._ask_links()
+        except BaseException:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+            raise
+
+        def links_made() -> None:
+            try:
+                self._links_made()
+            finally:
+                if lock is not None:
+                    lock.__exit__(None, None, None)
+
+        return links_made
 
     def _attach_links(self) -> None:
+        self._ask_links()
+        self._links_made()
+
+    def _ask_links(self) -> None:
         agent = self._helper()
         if self.mode.kind in ("bridge", "veth"):
             br = self.bridge
@@ -222,18 +241,23 @@ class MachineNetwork:
             prefix, base = self._link_prefix(), self.pod or self.name
             addresses = self.data["addresses"]  # as _lease() made them: IPv4, and IPv6 where the bridge has it
             assert isinstance(addresses, list)
-            self.data["ifindices"] = [agent.request(
-                "attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind, outer=outer,
-                altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed, address=addresses[0],
-                address6=addresses[1] if len(addresses) > 1 else "")]
+            agent.send("attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind,
+                       outer=outer, altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed,
+                       address=addresses[0], address6=addresses[1] if len(addresses) > 1 else "")
         elif self.mode.kind == "interface":
-            agent.request("move_in", self.netns, machine=self.name, link=self.mode.link)
+            agent.send("move_in", self.netns, machine=self.name, link=self.mode.link)
+        elif self.mode.kind == "macvlan":
+            agent.send("add_macvlan", self.netns, machine=self.name, link=self.mode.link,
+                       inner=host_ifname("mv-", self.mode.link), seed=self.mac_seed)
+
+    def _links_made(self) -> None:
+        answer = self._helper().receive()
+        if self.mode.kind in ("bridge", "veth"):
+            self.data["ifindices"] = [answer]
+        elif self.mode.kind == "interface":
             self.data["interfaces"] = [self.mode.link]
         elif self.mode.kind == "macvlan":
-            inner = host_ifname("mv-", self.mode.link)
-            agent.request("add_macvlan", self.netns, machine=self.name, link=self.mode.link, inner=inner,
-                          seed=self.mac_seed)
-            self.data["interfaces"] = [inner]
+            self.data["interfaces"] = [host_ifname("mv-", self.mode.link)]
         state.write(self.name, self.data)
 
     def in_child(self, root_fd: int) -> None:

@@ -61,7 +61,8 @@ class Spec:
         self.nesting = nesting          # cgroup controllers writable: the guest may manage containers itself
         # Runs in the parent once the child's namespaces exist, while the child builds its root,
         # which execs only after them (network set-up moves links in here); gets the child's host pid.
-        self.on_namespaces: list[Callable[[int], None]] = []
+        # What one returns (its second half: a helper's answer, say) is called after the cgroup step.
+        self.on_namespaces: list[Callable[[int], Callable[[], object] | None]] = []
         # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
         self.in_child: list[Callable[[int], None]] = []
         # Namespaces to join instead of making new ones (a pod's): (fd, CLONE_NEW* type).
@@ -138,16 +139,26 @@ def spawn(spec: Spec) -> Child:
 
 def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
     """The parent's part before the child's exec: hooks, cgroup, then go (closes go_w)."""
+    halves: list[Callable[[], object]] = []  # the hooks' second halves, still to run
     try:
         if spec.on_namespaces:
             _raise_for(_read_msg(status_r), expected=b"N")
             for hook in spec.on_namespaces:
-                hook(pid)
+                half = hook(pid)
+                if half is not None:
+                    halves.append(half)
         if spec.make_cgroup is not None:
             spec.cgroup = spec.make_cgroup()
         if spec.cgroup is not None:
             spec.cgroup.join_payload(pid)
+        while halves:
+            halves.pop(0)()
     except BaseException:
+        for half in halves:  # (a helper's answer is taken before anything else is asked of it)
+            try:
+                half()
+            except Exception:  # noqa: BLE001 - the first error is the one reported
+                pass
         os.close(go_w)  # the child gives up at its wait, if it got that far
         said = _read_msg(status_r)
         if said[:1] == b"E":  # it failed first, which may be why we did

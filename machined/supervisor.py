@@ -19,7 +19,7 @@ from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    from _socket import socket
     from typing import Any
 
     from machined import systemd
@@ -41,12 +41,12 @@ class Poller:
         self.epoll = select.epoll()
         self.tags: dict[int, str] = {}
 
-    def register(self, fileobj: int | socket.socket, tag: str) -> None:
+    def register(self, fileobj: int | socket, tag: str) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         self.epoll.register(fd, select.EPOLLIN)
         self.tags[fd] = tag
 
-    def unregister(self, fileobj: int | socket.socket) -> None:
+    def unregister(self, fileobj: int | socket) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if self.tags.pop(fd, None) is not None:
             self.epoll.unregister(fd)
@@ -150,8 +150,8 @@ class Supervisor:
         self.master = -1
         self.slave = -1
         self.log_fd = -1
-        self.listener: socket.socket | None = None
-        self.client: socket.socket | None = None
+        self.listener: socket | None = None
+        self.client: socket | None = None
         self.sel = Poller()
         self.wake_r = self.wake_w = -1
         self.pending_signals: list[int] = []
@@ -498,14 +498,14 @@ class Supervisor:
     # --- console socket ----------------------------------------------------------------------
 
     def _listen(self) -> None:
-        import socket
+        import _socket  # (the socket module imports enum and makes four enums: ~9 ms of a start)
 
         path = os.path.join(self.rundir, "console.sock")
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         old = os.umask(0o077)
         try:
             self.listener.bind(path)
@@ -518,10 +518,13 @@ class Supervisor:
 
     def _accept(self) -> None:
         assert self.listener is not None
+        import _socket
+
         try:
-            conn, _ = self.listener.accept()
+            fd, _ = self.listener._accept()  # type: ignore[attr-defined]  # (what socket.accept calls)
         except BlockingIOError:
             return
+        conn = _socket.socket(fileno=fd)
         if self.client is not None:
             try:
                 self.client.sendall(b"\r\n[machined: another console attached; detaching]\r\n")

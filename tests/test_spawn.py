@@ -5,6 +5,7 @@ once, with the child's own reason where the child failed first."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,39 @@ def test_a_failed_cgroup_is_the_error_and_nothing_runs(env: Env, tmp_path: Path)
         spawn.spawn(spec)
     assert not (rootfs / "ran").exists()
     assert forked and not Path(f"/proc/{forked[0]}").exists()  # the child is gone and reaped
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_hooks_second_half_comes_after_the_cgroup_even_when_that_fails(env: Env, tmp_path: Path,
+                                                                         fails: bool) -> None:
+    """A hook asks (a helper for links), the cgroup is made meanwhile, then the hook takes its answer:
+    also when making the cgroup failed, so that no answer is left unread."""
+    rootfs = _rootfs(env)
+    name = env.name()
+    order: list[str] = []
+    spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
+
+    def hook(pid: int) -> Callable[[], None]:
+        order.append("ask")
+        return lambda: order.append("answer")
+
+    def make() -> cgroups.MachineCgroup:
+        order.append("cgroup")
+        if fails:
+            raise MachinedError("Failed to create cgroup for spawntest: no room")
+        return cgroups.create(name)
+
+    spec.on_namespaces.append(hook)
+    spec.make_cgroup = make
+    try:
+        if fails:
+            with pytest.raises(MachinedError, match="no room"):
+                spawn.spawn(spec)
+        else:
+            child = spawn.spawn(spec)
+            os.waitpid(child.pid, 0)
+            child.close()
+    finally:
+        if spec.cgroup is not None:
+            spec.cgroup.remove()
+    assert order == ["ask", "cgroup", "answer"]
