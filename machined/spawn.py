@@ -294,6 +294,8 @@ def seal_imports() -> None:
     """After this, an import cannot load code from disk. Called in children that are about to see a
     machine's file system as '/': a module imported there would come from the guest and run with
     our privileges. Everything they need is imported at the top of the modules they use."""
+    import warnings  # noqa: F401 - what os.execvpe imports to search PATH (os.get_exec_path)
+
     sys.path[:] = []
     sys.path_importer_cache.clear()
     sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", "") in ("BuiltinImporter", "FrozenImporter")]

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -27,6 +28,12 @@ ROOT = os.geteuid() == 0
 TOKEN = os.environ.get("MACHINED_TEST_TOKEN") or os.urandom(2).hex()
 IN_CI = os.environ.get("CI") == "true"
 REPO = Path(__file__).resolve().parent.parent
+# mctl runs as an installed mctl would, by its script and without site: site's editable-install hook
+# (and -m's runpy) would load modules (warnings, re, ...) that an installed mctl does not have, and so
+# hide an import missing from a child that can import nothing (spawn.seal_imports). The checkout and
+# the venv's packages are on the path.
+MCTL = [sys.executable, "-S", str(REPO / "bin" / "mctl")]
+PYTHONPATH = os.pathsep.join([str(REPO), *site.getsitepackages()])
 TEST_CACHE = Path(os.environ.get("MACHINED_TEST_CACHE", "/var/cache/machined-tests"))
 DEBIAN_MIRROR = os.environ.get("MACHINED_TEST_MIRROR", "http://deb.debian.org/debian")
 
@@ -118,7 +125,7 @@ class Env:
         env.update({
             "MACHINED_IMAGE_DIR": str(self.images), "MACHINED_CONFIG_DIR": str(self.config),
             "MACHINED_RUNTIME_DIR": str(self.runtime), "MACHINED_CACHE_DIR": str(self.cache),
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": PYTHONPATH,
         })
         env.pop("NOTIFY_SOCKET", None)
         env.update(extra)
@@ -137,7 +144,7 @@ class Env:
     def mctl(self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "machined", *args], env=env or self.environ(), text=True,
+            [*MCTL, *args], env=env or self.environ(), text=True,
             capture_output=True, timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL,
         )
         if check and proc.returncode != 0:

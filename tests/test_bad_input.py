@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import MCTL, Env
 
 pytestmark = pytest.mark.root
 
@@ -76,11 +76,10 @@ def test_second_start_refused(env: Env) -> None:
 
 def test_concurrent_starts_give_one_machine(env: Env) -> None:
     import subprocess
-    import sys
 
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    procs = [subprocess.Popen([sys.executable, "-m", "machined", "start", name], env=env.environ(),
+    procs = [subprocess.Popen([*MCTL, "start", name], env=env.environ(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(30), p.stderr.read() if p.stderr else "") for p in procs]
     assert sorted(code for code, _ in results) == [0, 1, 1, 1], results

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBIAN_MIRROR, TEST_CACHE, Env
+from tests.conftest import DEBIAN_MIRROR, MCTL, TEST_CACHE, Env
 from tests.test_bad_input import assert_clean_error
 
 pytestmark = pytest.mark.slow
@@ -192,7 +191,7 @@ def test_sigkill_during_bootstrap(env: Env) -> None:
     """mctl killed while mmdebstrap runs: the tool, its apt and dpkg and its mounts go too; no machine."""
     name = env.name()
     top = env.cache / "bootstrap"
-    proc = subprocess.Popen([sys.executable, "-m", "machined", "create", name, "--template", "debian",
+    proc = subprocess.Popen([*MCTL, "create", name, "--template", "debian",
                              "--set", f"mirror={DEBIAN_MIRROR}"], env=env.environ(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TOKEN, Env
+from tests.conftest import MCTL, TOKEN, Env
 from tests.test_bad_input import assert_clean_error
 from tests.test_teardown import _wait as wait_for
 
@@ -168,7 +167,7 @@ def test_sigkill_during_create_never_shows_a_machine(env: Env, debian_rootfs: Pa
     """A create copying a large tree, killed at several moments: no machine, clean removes the rest."""
     name = env.name()
     for delay in (0.0, 0.15, "copying"):
-        proc = subprocess.Popen([sys.executable, "-m", "machined", "create", name, "--template", "tarball",
+        proc = subprocess.Popen([*MCTL, "create", name, "--template", "tarball",
                                  "--set", f"source={debian_rootfs}"], env=env.environ(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if delay == "copying":

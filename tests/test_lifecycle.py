@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import MCTL, Env
 
 pytestmark = pytest.mark.root
 
@@ -180,7 +180,7 @@ def test_console_attaches(env: Env) -> None:
     name = env.name()
     env.ok("create", name, "--template", "busybox", "--set", "console_login=no")
     env.ok("start", name)
-    proc = subprocess.Popen(["python3", "-m", "machined", "console", name], env=env.environ(),
+    proc = subprocess.Popen([*MCTL, "console", name], env=env.environ(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(b"echo hello-$((6*7))\n")

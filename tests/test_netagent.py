@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env, _comm, processes
+from tests.conftest import MCTL, Env, _comm, processes
 from tests.test_bad_input import assert_clean_error
 from tests.test_network import host_network, links, state
 from tests.test_teardown import _wait as wait
@@ -113,7 +113,7 @@ def test_teardown_after_a_killed_supervisor_waits_for_its_helper(env: Env) -> No
     [pid] = helpers(name)
     os.kill(int(pid), signal.SIGSTOP)  # as if busy
     os.kill(data["supervisor"]["pid"], signal.SIGKILL)  # type: ignore[index]
-    cleaner = subprocess.Popen([sys.executable, "-m", "machined", "list"], env=env.environ(),
+    cleaner = subprocess.Popen([*MCTL, "list"], env=env.environ(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)

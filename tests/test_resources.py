@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import MCTL, Env
 from tests.test_bad_input import assert_clean_error, assert_settings_refused
 
 pytestmark = pytest.mark.root
@@ -99,7 +98,7 @@ def test_fork_bomb_is_contained(env: Env) -> None:
     scope = _scope(name, "pids")
     assert _read(scope / "pids.max") == "100"
     leader = _leader(env, name)
-    bomb = subprocess.Popen([sys.executable, "-m", "machined", "shell", name, "--", "sh", "-c",
+    bomb = subprocess.Popen([*MCTL, "shell", name, "--", "sh", "-c",
                              "b() { b | b & }; b; sleep 2"], env=env.environ(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import MCTL, Env
 from tests.test_bad_input import assert_clean_error
 
 pytestmark = pytest.mark.root
@@ -98,7 +98,7 @@ def test_export_to_stdout_and_import_pipe_compressed(env: Env, tmp_path: Path) -
     env.ok("create", src, "--template", "busybox")
     archive = tmp_path / "image.zst"  # no telling suffix: the content decides
     with open(archive, "wb") as out:
-        exported = subprocess.run(["python3", "-m", "machined", "export-tar", src, "-", "--format", "zstd"],
+        exported = subprocess.run([*MCTL, "export-tar", src, "-", "--format", "zstd"],
                                   env=env.environ(), stdout=out, stderr=subprocess.PIPE)
     assert exported.returncode == 0, exported.stderr
     env.ok("import-tar", str(archive), dst)

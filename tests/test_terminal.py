@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import pty
 import select
-import sys
 import time
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import MCTL, Env
 
 pytestmark = pytest.mark.root
 
@@ -37,7 +36,7 @@ def _expect(fd: int, want: bytes, timeout: float = 10.0) -> bytes:
 def _spawn(env: Env, *args: str) -> tuple[int, int]:
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(sys.executable, [sys.executable, "-m", "machined", *args], env.environ())
+        os.execve(MCTL[0], [*MCTL, *args], env.environ())
     return pid, fd
 
 
