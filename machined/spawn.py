@@ -4,9 +4,9 @@ The parent unshares only its pid namespace for children, forks, and goes straigh
 (so it can keep forking helpers on the host). The child is PID 1 of the new pid namespace; it
 unshares mount, UTS, IPC and network namespaces and builds its root while the parent runs its
 hooks (the machine's links), makes the machine's cgroup if it is not there yet and moves the child
-into it. Then the child unshares its cgroup namespace, mounts /sys, changes root and execs. A pipe
-reports either an error message or, by closing on exec, success: the parent returns once the
-guest's init really runs.
+into it. Then the child unshares its cgroup namespace, mounts /sys and changes root, and execs once
+the hooks have their answers. A pipe reports either an error message or, by closing on exec,
+success: the parent returns once the guest's init really runs.
 
 The cgroup comes after the fork because the first cgroup move of a start waits for an RCU grace
 period (see prewarm), and every cgroup operation with it: the child's mounts are done meanwhile.
@@ -71,7 +71,7 @@ class Spec:
         self.make_cgroup: Callable[[], MachineCgroup] | None = None
 
     def waits(self) -> bool:
-        """Whether the child waits for the parent's go before its cgroup namespace."""
+        """Whether the child waits for the parent's word before its cgroup namespace (see _go)."""
         return bool(self.on_namespaces) or self.cgroup is not None or self.make_cgroup is not None
 
 
@@ -104,7 +104,7 @@ class Child:
 def spawn(spec: Spec) -> Child:
     """Start the machine's PID 1; returns after it exec'd, raises MachinedError with its reason if not."""
     status_r, status_w = os.pipe()   # child -> parent: b"N" namespaces ready, b"E<msg>" error, EOF exec'd
-    go_r, go_w = os.pipe()           # parent -> child: b"G" proceed
+    go_r, go_w = os.pipe()           # parent -> child: b"C" in the cgroup, b"G" hooks done (see _go)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     layout = spec.cgroup.layout if spec.cgroup is not None else cgroups.layout()  # (made, or to be made)
     try:
@@ -138,7 +138,9 @@ def spawn(spec: Spec) -> Child:
 
 
 def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
-    """The parent's part before the child's exec: hooks, cgroup, then go (closes go_w)."""
+    """The parent's part before the child's exec (closes go_w): the hooks ask, the cgroup is made
+    and the child moved in, b"C" lets the child go on to its cgroup namespace and pivot_root, the
+    hooks take their answers, b"G" lets it exec."""
     halves: list[Callable[[], object]] = []  # the hooks' second halves, still to run
     try:
         if spec.on_namespaces:
@@ -151,6 +153,8 @@ def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
             spec.cgroup = spec.make_cgroup()
         if spec.cgroup is not None:
             spec.cgroup.join_payload(pid)
+        if spec.waits():
+            _tell(go_w, b"C")
         while halves:
             halves.pop(0)()
     except BaseException:
@@ -165,12 +169,17 @@ def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
             raise MachinedError(said[1:].decode(errors="replace")) from None
         raise
     try:
-        if spec.waits():
-            os.write(go_w, b"G")
-    except BrokenPipeError:
-        pass  # the child failed meanwhile: its message follows
+        if spec.on_namespaces:
+            _tell(go_w, b"G")
     finally:
         os.close(go_w)
+
+
+def _tell(go_w: int, what: bytes) -> None:
+    try:
+        os.write(go_w, what)
+    except BrokenPipeError:
+        pass  # the child failed meanwhile: its message follows
 
 
 def _raise_for(msg: bytes, expected: bytes = b"") -> None:
@@ -242,9 +251,8 @@ def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
             mounts.setup_machine_id(root_fd, spec.machine_id, spec.machine_id_file)
         for hook in spec.in_child:
             hook(root_fd)
-        if spec.waits() and os.read(go_r, 1) != b"G":
+        if spec.waits() and os.read(go_r, 1) != b"C":
             os._exit(1)  # the parent's hooks or the cgroup failed: it reports that
-        os.close(go_r)
         step = "create cgroup namespace"  # rooted in the machine's cgroup, where the parent put us
         linux.unshare(linux.CLONE_NEWCGROUP)
         step = "mount /sys"
@@ -254,6 +262,9 @@ def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
         mounts.enter_root(spec.rootfs)
         step = "drop capabilities"
         security.drop_capabilities(("NET_ADMIN",))
+        if spec.on_namespaces and os.read(go_r, 1) != b"G":
+            os._exit(1)  # the parent's hooks failed: it reports that
+        os.close(go_r)
         step = "set up the terminal"
         os.setsid()
         if spec.console:
