@@ -78,10 +78,7 @@ class Store:
             except FileNotFoundError:
                 pass
             return
-        tmp = f"{store_path()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(jsonc.dumps(live, sort_keys=True))
-        os.replace(tmp, store_path())
+        jsonc.save(store_path(), live, sort_keys=True)
 
     def _reclaim(self) -> None:
         for table in self.data.values():

@@ -9,6 +9,7 @@ defaults, and the same results (tests/test_jsonc.py compares the two).
 from __future__ import annotations
 
 import _json
+import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -59,3 +60,10 @@ def loads(text: str | bytes) -> Any:
 def load(path: str) -> Any:
     with open(path, "rb") as f:
         return loads(f.read())
+
+
+def save(path: str, obj: object, sort_keys: bool = False) -> None:
+    """dumps(obj) into path through a temporary file, so that a reader sees the old or the new."""
+    with open(path + ".tmp", "w") as f:
+        f.write(dumps(obj, sort_keys))
+    os.replace(path + ".tmp", path)

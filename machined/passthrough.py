@@ -39,8 +39,7 @@ class DeviceList:
     @classmethod
     def load(cls, name: str) -> DeviceList:
         try:
-            with open(_file(name, "devices.json")) as f:
-                data = jsonc.loads(f.read())
+            data = jsonc.load(_file(name, "devices.json"))
             return cls([Rule.parse(r) for r in data["rules"]],
                        {n["path"]: (Node.from_state(n), str(n["origin"])) for n in data["nodes"]})
         except FileNotFoundError:
@@ -49,12 +48,9 @@ class DeviceList:
             fail(f"read the device list of {name}", str(e))
 
     def save(self, name: str) -> None:
-        path = _file(name, "devices.json")
-        data = {"rules": [str(r) for r in self.rules],
-                "nodes": [{**node.to_state(), "origin": origin} for node, origin in self.nodes.values()]}
-        with open(path + ".tmp", "w") as f:
-            f.write(jsonc.dumps(data))
-        os.replace(path + ".tmp", path)
+        jsonc.save(_file(name, "devices.json"),
+                   {"rules": [str(r) for r in self.rules],
+                    "nodes": [{**node.to_state(), "origin": origin} for node, origin in self.nodes.values()]})
 
 
 class Locked:

@@ -38,10 +38,7 @@ def read_info(pod: str) -> dict[str, object]:
 
 
 def write_info(pod: str, info: dict[str, object]) -> None:
-    tmp = info_path(pod) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(jsonc.dumps(info, sort_keys=True))
-    os.replace(tmp, info_path(pod))
+    jsonc.save(info_path(pod), info, sort_keys=True)
 
 
 def create(pod: str) -> None:

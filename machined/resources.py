@@ -234,18 +234,15 @@ def record(name: str, res: Resources) -> None:
     cpu.shares, BFQ weights), for status."""
     from machined import jsonc
 
-    path = os.path.join(paths.machine_runtime_dir(name), "limits.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(jsonc.dumps({k: getattr(res, k) for k in KEYS if getattr(res, k) is not None}))
-    os.replace(path + ".tmp", path)
+    jsonc.save(os.path.join(paths.machine_runtime_dir(name), "limits.json"),
+               {k: getattr(res, k) for k in KEYS if getattr(res, k) is not None})
 
 
 def _recorded(name: str) -> dict[str, object]:
     from machined import jsonc
 
     try:
-        with open(os.path.join(paths.machine_runtime_dir(name), "limits.json")) as f:
-            data = jsonc.loads(f.read())
+        data = jsonc.load(os.path.join(paths.machine_runtime_dir(name), "limits.json"))
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if k in KEYS} if isinstance(data, dict) else {}

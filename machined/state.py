@@ -83,11 +83,7 @@ def state_path(name: str) -> str:
 
 
 def write(name: str, data: dict[str, object]) -> None:
-    path = state_path(name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(jsonc.dumps(data))
-    os.replace(tmp, path)
+    jsonc.save(state_path(name), data)
 
 
 def read(name: str) -> dict[str, object] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -84,9 +85,12 @@ def test_bytes_and_files(tmp_path: object) -> None:
     with pytest.raises(ValueError):
         jsonc.loads(b"\xff")
     path = f"{tmp_path}/state.json"
-    with open(path, "w") as f:
-        f.write(jsonc.dumps(VALUES[19]))
+    jsonc.save(path, VALUES[19])
     assert jsonc.load(path) == VALUES[19]
+    jsonc.save(path, VALUES[20], sort_keys=True)
+    with open(path) as f:
+        assert f.read() == json.dumps(VALUES[20], separators=(",", ":"), sort_keys=True)
+    assert os.listdir(str(tmp_path)) == ["state.json"]  # no temporary file left
 
 
 def test_importing_and_using_it_loads_neither_json_nor_re() -> None:
