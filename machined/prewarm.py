@@ -39,12 +39,14 @@ def start(seconds: float = 2.0) -> None:
     def move_self() -> None:
         # As little Python as possible: this thread competes with the imports for the GIL.
         try:
-            with open("/proc/self/cgroup") as f:
-                v2 = next(line[3:].strip() for line in f if line.startswith("0::"))
-            target = next(f"{top}{v2}/cgroup.procs" for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
-                          if os.path.exists(f"{top}{v2}/cgroup.procs"))
-            pid = str(os.getpid()).encode()
-            started.release()
+            try:
+                with open("/proc/self/cgroup") as f:
+                    v2 = next(line[3:].strip() for line in f if line.startswith("0::"))
+                target = next(f"{top}{v2}/cgroup.procs" for top in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+                              if os.path.exists(f"{top}{v2}/cgroup.procs"))
+                pid = str(os.getpid()).encode()
+            finally:
+                started.release()  # the first move is next (or, after an error, none)
             while time.monotonic() < _UNTIL["time"]:
                 fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
                 try:
@@ -55,8 +57,6 @@ def start(seconds: float = 2.0) -> None:
         except (OSError, StopIteration):
             pass
         finally:
-            if started.locked():
-                started.release()
             running.release()
 
     _thread.start_new_thread(move_self, ())
