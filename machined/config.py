@@ -207,14 +207,9 @@ def from_dict(name: str, data: dict[str, Any], where: str) -> MachineConfig:
 def load(name: str) -> MachineConfig:
     path = paths.config_path(name)
     try:
-        with open(path, "rb") as f:
-            data = plaintoml.loads(f.read().decode())
+        data = plaintoml.load(path)
     except FileNotFoundError:
         die(f"No machine named {name!r}", hint=f"'mctl create {name} --template busybox' makes one")
-    except ValueError as e:  # TOML's errors, and text that is not UTF-8
-        die(f"Invalid configuration {path}: {e}")
-    except OSError as e:
-        die(f"Failed to read {path}: {e.strerror}")
     return from_dict(name, data, path)
 
 

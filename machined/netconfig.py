@@ -209,14 +209,9 @@ def load_host() -> HostNetwork:
 
     path = host_config_path()
     try:
-        with open(path, "rb") as f:
-            data = plaintoml.loads(f.read().decode())
+        data = plaintoml.load(path)
     except FileNotFoundError:
         return HostNetwork()
-    except ValueError as e:  # TOML's errors, and text that is not UTF-8
-        die(f"Invalid configuration {path}: {e}")
-    except OSError as e:
-        die(f"Failed to read {path}: {e.strerror}")
     unknown = set(data) - {"network"}
     net = data.get("network", {})
     if unknown or not isinstance(net, dict):

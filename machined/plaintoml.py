@@ -30,6 +30,22 @@ def loads(text: str) -> dict[str, Any]:
     return data
 
 
+def load(path: str) -> dict[str, Any]:
+    """The settings file at path; FileNotFoundError if there is none, a one-line error (die) if it
+    cannot be read or is not TOML."""
+    from machined.log import die
+
+    try:
+        with open(path, "rb") as f:
+            return loads(f.read().decode())
+    except FileNotFoundError:
+        raise
+    except ValueError as e:  # TOML's errors, and text that is not UTF-8
+        die(f"Invalid configuration {path}: {e}")
+    except OSError as e:
+        die(f"Failed to read {path}: {e.strerror}")
+
+
 def plain(text: str) -> dict[str, Any] | None:
     """text parsed if it is in the plain form, else None."""
     root: dict[str, Any] = {}
