@@ -29,6 +29,10 @@ def store_dir() -> str:
     return os.path.join(paths.runtime_dir(), "network")
 
 
+def lock_path() -> str:
+    return os.path.join(store_dir(), "lock")
+
+
 def store_path() -> str:
     return os.path.join(store_dir(), "leases.json")
 
@@ -54,7 +58,7 @@ class Store:
 
     def __enter__(self) -> Store:
         os.makedirs(store_dir(), mode=0o755, exist_ok=True)
-        self.fd = os.open(os.path.join(store_dir(), "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         if self.load:
             self.data = _load()
@@ -68,6 +72,7 @@ class Store:
             if self.dirty:
                 self._save()
         finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # (a child forked meanwhile may still have it open)
             os.close(self.fd)
 
     def _save(self) -> None:

@@ -4,9 +4,10 @@ Importing pyroute2's message classes (machined.netlink) takes about 25 ms, which
 start's critical path in mctl or the supervisor. So mctl forks the helper first thing when it
 starts or runs one machine whose network has links (prefork: decided from the command line and the
 machine's settings file), and the helper imports them on the other CPU meanwhile. The supervisor
-then asks it for each netlink step (attach_veth, move_in, add_macvlan, move_out, teardown_links),
-handing over the machine's network namespace as an fd: one JSON message per request and per reply
-on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS).
+then asks it for each netlink step (OPS: functions of machined.netlink), handing over the machine's
+network namespace as an fd: one JSON message per request and per reply on a socket pair
+(SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each other before their answers are read; the
+helper answers them in order.
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor) and ignores
 terminal and stop signals: it ends when its socket does, when the supervisor closes it or dies. A
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 TIMEOUT = 60.0  # for one step; a helper that takes longer is stuck
 LINK_MODES = ("veth", "bridge", "interface", "macvlan")
-OPS = ("attach_veth", "move_in", "add_macvlan", "move_out", "teardown_links")
+OPS = ("attach_veth", "address_veth", "renew_bridge", "move_in", "add_macvlan", "move_out", "teardown_links")
 COMM = "machined-net"
 
 
@@ -73,6 +74,7 @@ class Agent:
         self.machine = ""
         self.op = ""
         self.used = False
+        self.unread = 0  # requests sent whose answers are not read yet
         if not _agents:
             import atexit
 
@@ -90,13 +92,15 @@ class Agent:
         return self._sock
 
     def send(self, op: str, netns: int = -1, **args: Any) -> None:
-        """Ask the helper to do op (a function of machined.netlink), with the network namespace netns."""
+        """Ask the helper to do op (a function of machined.netlink), with the network namespace netns.
+        Requests may follow each other before their answers are taken (receive)."""
         import _socket
 
         from machined import jsonc
 
         self.used = True
         self.op = op
+        self.unread += 1
         fds = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns.to_bytes(4, sys.byteorder))] if netns >= 0 else []
         try:
             self._socket().sendmsg([jsonc.dumps({"op": op, **args}).encode()], fds)
@@ -104,9 +108,32 @@ class Agent:
             self._gone(e)
 
     def receive(self) -> Any:
-        """The result of the op sent; its MachinedError is raised here as it was raised there."""
+        """The answers to the requests sent: the result of the last; the first MachinedError among
+        them is raised here as it was raised there (once all are read)."""
+        error: BaseException | None = None
+        result = None
+        while self.unread:
+            try:
+                result = self._answer()
+            except (MachinedError, HelperError) as e:
+                if isinstance(e, HelperGone):
+                    raise
+                error = error or e
+        if error is not None:
+            raise error
+        return result
+
+    def drain(self) -> None:
+        """Read the answers still due, whatever they say (a start that failed meanwhile)."""
+        try:
+            self.receive()
+        except (MachinedError, HelperError):
+            pass
+
+    def _answer(self) -> Any:
         from machined import jsonc
 
+        self.unread -= 1
         try:
             data = self._socket().recv(65536)
         except OSError as e:
@@ -125,6 +152,7 @@ class Agent:
         return self.receive()
 
     def _gone(self, e: OSError | None) -> NoReturn:
+        self.unread = 0  # none will come
         why = f" ({e.strerror or 'no answer'})" if e is not None else ""
         raise HelperGone(f"Failed to {self.op.replace('_', ' ')} for {self.machine}: its network helper ended{why}")
 

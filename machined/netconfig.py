@@ -156,7 +156,8 @@ class Bridge:
     def to_json(self) -> dict[str, object]:
         """What the network helper works from (plain values: it does not load this module)."""
         return {"name": self.name, "subnet": str(self.subnet), "gateway": str(self.gateway),
-                "ipv6_subnet": str(self.ipv6_subnet or ""), "gateway6": str(self.gateway6 or ""), "nat": self.nat}
+                "ipv6_subnet": str(self.ipv6_subnet or ""), "gateway6": str(self.gateway6 or ""), "nat": self.nat,
+                "keep": self.keep}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ for over a socket.
 from __future__ import annotations
 
 import errno
-import ipaddress
+import fcntl
 import os
 import socket
 import struct
@@ -139,6 +139,29 @@ class Rtnl:
                     answer.append(parsed)
 
 
+class _Flock:
+    """An exclusive flock on path while in the with block (nothing for '')."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)  # (the first start's)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
 # --- messages -------------------------------------------------------------------------------------
 
 def _link(index: int = 0, ifname: str = "", up: bool = False, **attrs: Any) -> ifinfmsg:
@@ -217,6 +240,8 @@ def _delete_link(nl: Rtnl, ifname: str, settle: float = 0.0) -> None:
 
 def _check_subnet_free(nl: Rtnl, br: dict[str, Any]) -> None:
     """Refuse a subnet that overlaps a network the host already routes (other than through br)."""
+    import ipaddress  # (only as a bridge is made: not on every start)
+
     for net in (ipaddress.ip_network(br[key]) for key in ("subnet", "ipv6_subnet") if br[key]):
         query = rtmsg()
         query["family"] = socket.AF_INET if net.version == 4 else socket.AF_INET6
@@ -240,18 +265,37 @@ def _kind(link: Any) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
+def renew_bridge(bridge: dict[str, Any], lock: str) -> None:
+    """Once a machine's links are made: the NAT table of its bridge made anew where it is not as
+    add_bridge left it (a firewall reload may have flushed it). lock: the network lock to hold (a
+    bridge that went meanwhile keeps no table)."""
+    with _Flock(lock), Rtnl() as nl:
+        if _bridge_index(nl, bridge) is not None:
+            nat.renew_bridge(bridge)
+
+
+def _bridge_index(nl: Rtnl, br: dict[str, Any]) -> int | None:
+    """The bridge's index, None if there is none; a link of its name that is no bridge refused."""
+    name = br["name"]
+    try:  # (sysfs: no netlink answer to decode on every start)
+        index = _ifindex(name)
+    except FileNotFoundError:
+        return None
+    if not os.path.isdir(f"/sys/class/net/{name}/bridge"):
+        link = _get_link(nl, name)
+        kind = _kind(link) if link is not None else None
+        die(f"Failed to use bridge {name}: a link of that name exists and is a {kind or 'device'}")
+    return index
+
+
 def ensure_bridge(nl: Rtnl, br: dict[str, Any]) -> int:
     """The bridge (netconfig.Bridge.to_json) by its index; created with its gateway addresses and
-    NAT table if it does not exist, its NAT table renewed if it does. The caller holds the network
-    lock (ipam.Store): no other machine's teardown removes the bridge meanwhile."""
+    NAT table if it does not exist. The caller holds the network lock (ipam.Store): no other
+    machine's teardown removes the bridge meanwhile."""
+    index = _bridge_index(nl, br)
+    if index is not None:
+        return index
     name = br["name"]
-    link = _get_link(nl, name)
-    if link is not None:
-        kind = _kind(link)
-        if kind != "bridge":
-            die(f"Failed to use bridge {name}: a link of that name exists and is a {kind or 'device'}")
-        nat.renew_bridge(br)
-        return int(link["index"])
     _check_subnet_free(nl, br)
     try:
         nl.call(RTM_NEWLINK, _link(ifname=name, address=stable_mac("bridge", name), linkinfo=_linkinfo("bridge")),
@@ -298,28 +342,41 @@ def _remove_bridge_if_unused(nl: Rtnl, name: str) -> None:
 # --- one machine's links --------------------------------------------------------------------------
 
 def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, outer: str, altname: str,
-                seed: str, address: str, address6: str = "") -> int:
-    """A veth pair: outer on the host (a port of the bridge, or for kind 'veth' a point-to-point
-    link holding the gateway address), host0 in netns with the machine's addresses and default
-    routes. bridge: netconfig.Bridge.to_json(). Returns outer's index."""
+                seed: str, lock: str) -> None:
+    """The host's side of a veth pair: outer on the host (up, a port of the bridge; for kind 'veth'
+    a point-to-point link, down until address_veth), host0 in netns. bridge:
+    netconfig.Bridge.to_json(). lock: the network lock (ipam's), '' where the caller holds it.
+    The bridge's NAT table is renewed afterwards (renew_bridge)."""
     with Rtnl() as nl:
-        master = {"master": ensure_bridge(nl, bridge)} if kind == "bridge" else {}
-        _delete_link(nl, outer, VETH_SETTLE)  # the last boot's, if its namespace is not gone yet
-        # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
-        peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", netns),
-                          ("IFLA_ADDRESS", stable_mac(seed, "host0"))]}
-        try:
-            nl.call(RTM_NEWLINK, _link(ifname=outer, up=master != {}, address=stable_mac(seed, outer),
-                                       linkinfo=_linkinfo("veth", ("VETH_INFO_PEER", peer)), **master),
-                    NLM_F_CREATE | NLM_F_EXCL)
-        except NetlinkError as e:
-            raise _nl(f"create veth {outer} for {machine}", e) from None
-        with open(f"/sys/class/net/{outer}/ifindex") as f:  # (the helper is in the host's network namespace)
-            idx = int(f.read())
+        # A kept bridge that is there needs no lock: no teardown removes it. One to make, or one that
+        # goes with its last port, stays locked until our port is on it.
+        index = _bridge_index(nl, bridge) if kind == "bridge" and bridge["keep"] else None
+        with _Flock(lock if kind == "bridge" and index is None else ""):
+            if kind == "bridge" and index is None:
+                index = ensure_bridge(nl, bridge)
+            master = {"master": index} if index is not None else {}
+            _delete_link(nl, outer, VETH_SETTLE)  # the last boot's, if its namespace is not gone yet
+            # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
+            peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", netns),
+                              ("IFLA_ADDRESS", stable_mac(seed, "host0"))]}
+            try:
+                nl.call(RTM_NEWLINK, _link(ifname=outer, up=master != {}, address=stable_mac(seed, outer),
+                                           linkinfo=_linkinfo("veth", ("VETH_INFO_PEER", peer)), **master),
+                        NLM_F_CREATE | NLM_F_EXCL)
+            except NetlinkError as e:
+                raise _nl(f"create veth {outer} for {machine}", e) from None
         if altname:
-            nl.call(RTM_NEWLINKPROP, _link(idx, prop_list={"attrs": [("IFLA_ALT_IFNAME", altname)]}),
+            nl.call(RTM_NEWLINKPROP, _link(_ifindex(outer), prop_list={"attrs": [("IFLA_ALT_IFNAME", altname)]}),
                     NLM_F_CREATE | NLM_F_EXCL)
-        if not master:
+
+
+def address_veth(netns: int, bridge: dict[str, Any], kind: str, outer: str, address: str,
+                 address6: str = "") -> int:
+    """After attach_veth: host0's addresses and default routes in netns, up; for kind 'veth' also
+    outer's point-to-point address, up. Returns outer's index."""
+    idx = _ifindex(outer)
+    if kind != "bridge":
+        with Rtnl() as nl:
             # Point to point: the host side holds the gateway address, with the machine as peer.
             # No route_localnet here: without the bridge's guard rule it would open the host's
             # loopback services to the machine, so forwards from 127.0.0.1 are a bridge's alone.
@@ -328,7 +385,7 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
     with Rtnl(netns) as nl:  # (loopback: the machine brings it up)
         host0 = _index(nl, "host0")
         assert host0 is not None
-        if master:
+        if kind == "bridge":
             _add_addr(nl, host0, address, _prefixlen(bridge["subnet"]))
             if address6:
                 _add_addr(nl, host0, address6, _prefixlen(bridge["ipv6_subnet"]), flags=IFA_F_NODAD)
@@ -336,9 +393,15 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
             _add_addr(nl, host0, address, 32, peer=bridge["gateway"])
         _set_up(nl, host0)
         _add_default_route(nl, bridge["gateway"])
-        if master and bridge["gateway6"]:
+        if kind == "bridge" and bridge["gateway6"]:
             _add_default_route(nl, bridge["gateway6"])
     return idx
+
+
+def _ifindex(ifname: str) -> int:
+    """A host link's index (sysfs: the helper is in the host's network namespace)."""
+    with open(f"/sys/class/net/{ifname}/ifindex") as f:
+        return int(f.read())
 
 
 def move_in(netns: int, machine: str, link: str) -> None:

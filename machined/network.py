@@ -22,11 +22,10 @@ import os
 
 import machined
 from machined import ipam, linux, mounts, netagent, netconfig, paths, pods, state
-from machined.log import die
+from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
     from machined.config import MachineConfig
@@ -49,8 +48,9 @@ def host_ifname(prefix: str, name: str) -> str:
 
 class MachineNetwork:
     """Made when mctl plans a start: check() refuses bad settings before anything exists. Then, in
-    the supervisor: prepare() before the first boot, attach() once per boot (a spawn on_namespaces
-    hook), in_child() to bind the hosts file, end_boot() once a boot's init is gone.
+    the supervisor: begin(), ask_first_boot() and prepare() before the first boot; once per boot,
+    boot_namespaces() before the spawn, answer() and in_child() (spawn's), after_boot() once its
+    init runs, end_boot() once it is gone.
 
     A machine in a pod joins the pod's namespaces; the pod's network is made, from the settings of
     the machine that starts the pod, by that machine's prepare(), and owned by the pod."""
@@ -68,6 +68,8 @@ class MachineNetwork:
         self.bridge: Bridge | None = None
         self.address: ipaddress.IPv4Address | None = None
         self.netns = -1
+        self.asked = False  # links asked for the next boot, the answer not taken yet
+        self.renewing = False  # the bridge's NAT table asked to be renewed, the answer not taken yet
         self.pod_fds: list[tuple[int, int]] = []
         self.record: dict[str, Any] = {"mode": str(self.mode)}
         # Who owns the links and the lease: the machine, or its pod.
@@ -123,12 +125,24 @@ class MachineNetwork:
                 hint=f"add [network.bridges.{self.mode.link}] to {netconfig.host_config_path()}")
         return br
 
-    def prepare(self, data: dict[str, object]) -> None:
-        """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
-        recorded in data, the machine's state."""
+    def begin(self, data: dict[str, object]) -> None:
+        """In the supervisor, before its first state write: what the start makes, recorded in data
+        (the machine's state: from that write on, a crash leaves a record to clean up)."""
         self.data = data
-        data["network"] = self.record  # from here on a crash leaves a record to clean up
+        data["network"] = self.record
         self.record["hosts_file"] = self.host.hosts_file
+        if self.bridge is not None and not self.pod:
+            self._record_link()
+
+    def ask_first_boot(self) -> None:
+        """Right after that write: the helper makes the first boot's links while we go on."""
+        if not self.pod:
+            self._ask_for_boot()
+
+    def prepare(self) -> None:
+        """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
+        recorded in the machine's state."""
+        data = self.data
         with ipam.Store() as store:
             ref = data["supervisor"]
             if self.pod:
@@ -147,6 +161,8 @@ class MachineNetwork:
                 state.write(self.name, data)
                 nat.add_forwards(self.name, self.ports, addrs[0], addrs[1] if len(addrs) > 1 else None)
             state.write(self.name, data)
+            if self.asked:
+                self._ask_addresses()
             update_hosts(self.host.hosts_file)
         write_resolv_conf(resolv_path(self.name))
 
@@ -154,11 +170,17 @@ class MachineNetwork:
         br = self.bridge
         assert br is not None
         self.address = store.lease(br, self.owner, ref, self.mac_seed, self.cfg.network.address)
-        self.record.update(bridge=br.name, keep=br.keep, lease=str(self.address))
+        self.record["lease"] = str(self.address)
         a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
         self.data["addresses"] = [str(self.address)] + ([str(a6)] if a6 else [])
-        # The link is recorded (in the state written next) before any boot makes it.
-        self.record["host_link"] = host_ifname(self._link_prefix(), self.pod or self.name)
+        self._record_link()
+
+    def _record_link(self) -> None:
+        """The host's end of the veth pair: recorded (in the state written next) before any boot makes it."""
+        br = self.bridge
+        assert br is not None
+        link = host_ifname(self._link_prefix(), self.pod or self.name)
+        self.record.update(bridge=br.name, keep=br.keep, host_link=link)
         self.data["interfaces"] = [self.record["host_link"]]
 
     def _link_prefix(self) -> str:
@@ -193,72 +215,103 @@ class MachineNetwork:
             if info.get(key):
                 self.data[key] = info[key]
 
-    def join_namespaces(self) -> list[tuple[int, int]]:
-        """For spawn: the pod's namespaces to join instead of new ones (closed by attach())."""
+    def boot_namespaces(self) -> list[tuple[int, int]]:
+        """Before each boot's spawn: the namespaces the machine joins instead of making its own.
+        A pod's; or, for a machine with links, a new network namespace whose links the helper
+        makes while spawn gets the machine ready (answer() takes its reply). The first boot's
+        was asked for by ask_first_boot()."""
         if self.pod:
             self.pod_fds = pods.open_namespaces(self.pod)
-        return self.pod_fds
+            return self.pod_fds
+        if not self.asked:
+            self._ask_for_boot()
+        return [(self.netns, linux.CLONE_NEWNET)]
 
-    def attach(self, pid: int) -> Callable[[], None] | None:
-        """on_namespaces hook: the child's namespaces exist, its init has not started. Asks the helper
-        for the machine's links; spawn calls what this returns for the answer once it has made the
-        cgroup meanwhile."""
+    def _ask_for_boot(self) -> None:
+        self.end_boot()
+        self.netns = linux.new_net_namespace()
+        try:
+            # The helper takes the network lock where a bridge is to be made or may go meanwhile.
+            self._ask_links(lock=ipam.lock_path())
+            if self.address is not None:  # a reboot: leased already
+                self._ask_addresses()
+        except BaseException:
+            os.close(self.netns)
+            self.netns = -1
+            raise
+        self.asked = True
+
+    def answer(self, pid: int) -> None:
+        """A spawn answer (spawn takes it after the cgroup step, also when a boot failed): the
+        helper's reply to boot_namespaces(); the pod's namespaces, joined by now, closed here."""
         for fd, _ in self.pod_fds:
             os.close(fd)
         self.pod_fds = []
-        if self.pod:
-            return None  # the pod's network is in place
-        self.end_boot()
-        self.netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        # The bridge cannot vanish between its check and our port: the network lock until the answer.
-        lock = ipam.Store(load=False).__enter__() if self.mode.kind in ("bridge", "veth") else None
+        if self.asked:
+            self.asked = False
+            self._links_made()
+
+    def after_boot(self) -> str:
+        """Once the boot's init runs, before mctl returns: the bridge's NAT table renewed meanwhile,
+        or why not."""
+        if not self.renewing:
+            return ""
+        self.renewing = False
         try:
-            self._ask_links()
-        except BaseException:
-            if lock is not None:
-                lock.__exit__(None, None, None)
-            raise
-
-        def links_made() -> None:
-            try:
-                self._links_made()
-            finally:
-                if lock is not None:
-                    lock.__exit__(None, None, None)
-
-        return links_made
+            self._helper().receive()
+        except MachinedError as e:
+            return str(e)
+        return ""
 
     def _attach_links(self) -> None:
-        self._ask_links()
+        self._ask_links(lock="")  # (we hold the network lock)
+        self._ask_addresses()
         self._links_made()
 
-    def _ask_links(self) -> None:
+    def _ask_links(self, lock: str) -> None:
+        """The request for a boot's links (for a veth pair, the host's side: addresses follow).
+        lock: the network lock for the helper to take where it needs it, '' if we hold it."""
         agent = self._helper()
         if self.mode.kind in ("bridge", "veth"):
             br = self.bridge
             outer = self.record["host_link"]
             assert br is not None and isinstance(outer, str)
             prefix, base = self._link_prefix(), self.pod or self.name
-            addresses = self.data["addresses"]  # as _lease() made them: IPv4, and IPv6 where the bridge has it
-            assert isinstance(addresses, list)
             agent.send("attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind,
                        outer=outer, altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed,
-                       address=addresses[0], address6=addresses[1] if len(addresses) > 1 else "")
+                       lock=lock)
         elif self.mode.kind == "interface":
             agent.send("move_in", self.netns, machine=self.name, link=self.mode.link)
         elif self.mode.kind == "macvlan":
             agent.send("add_macvlan", self.netns, machine=self.name, link=self.mode.link,
                        inner=host_ifname("mv-", self.mode.link), seed=self.mac_seed)
 
+    def _ask_addresses(self) -> None:
+        """For a veth pair, once leased: its addresses and routes (the answer _links_made() takes)."""
+        if self.mode.kind in ("bridge", "veth"):
+            assert self.bridge is not None
+            addresses = self.data["addresses"]  # as _lease() made them: IPv4, and IPv6 where the bridge has it
+            assert isinstance(addresses, list)
+            self._helper().send("address_veth", self.netns, bridge=self.bridge.to_json(), kind=self.mode.kind,
+                                outer=self.record["host_link"], address=addresses[0],
+                                address6=addresses[1] if len(addresses) > 1 else "")
+
     def _links_made(self) -> None:
-        answer = self._helper().receive()
+        agent = self._helper()
+        answer = agent.receive()  # (and those to the requests before: the first error raised)
         if self.mode.kind in ("bridge", "veth"):
             self.data["ifindices"] = [answer]
         elif self.mode.kind == "interface":
             self.data["interfaces"] = [self.mode.link]
         elif self.mode.kind == "macvlan":
             self.data["interfaces"] = [host_ifname("mv-", self.mode.link)]
-        state.write(self.name, self.data)
+        # (recorded by the state written next: nothing to clean up goes by these)
+        if self.mode.kind == "bridge" and self.bridge is not None:
+            # The bridge's NAT table made anew where a firewall reload flushed it: asked now, so
+            # that it is not on the way of the start (after_boot takes the answer). A flushed table
+            # was missing since the flush anyway, and so it is for a moment longer.
+            agent.send("renew_bridge", bridge=self.bridge.to_json(), lock=ipam.lock_path())
+            self.renewing = True
 
     def in_child(self, root_fd: int) -> None:
         """in_child hook (imports nothing): the machine's hosts file over its /etc/hosts and the host's
@@ -284,7 +337,11 @@ class MachineNetwork:
 
     def close(self, data: dict[str, object]) -> None:
         """The supervisor's teardown of the network (its helper's last steps), and the helper's end."""
+        self.asked = self.renewing = False
+        if self.agent is not None:
+            self.agent.drain()  # a start that failed before its first boot: the answers first
         try:
+            self.end_boot()
             teardown(data, self.agent)
         except Exception as e:  # noqa: BLE001 - best effort, as state.teardown's steps
             from machined.log import warn

@@ -2,11 +2,12 @@
 
 The parent unshares only its pid namespace for children, forks, and goes straight back to its own
 (so it can keep forking helpers on the host). The child is PID 1 of the new pid namespace; it
-unshares mount, UTS, IPC and network namespaces and builds its root while the parent runs its
-hooks (the machine's links), makes the machine's cgroup if it is not there yet and moves the child
-into it. Then the child unshares its cgroup namespace, mounts /sys and changes root, and execs once
-the hooks have their answers. A pipe reports either an error message or, by closing on exec,
-success: the parent returns once the guest's init really runs.
+unshares mount, UTS, IPC and network namespaces (or joins those it is given: a pod's, or a network
+namespace whose links a helper is making meanwhile) and builds its root while the parent makes the
+machine's cgroup if it is not there yet and moves the child into it. Then the child unshares its
+cgroup namespace, mounts /sys and changes root, and execs once the parent has taken the answers it
+waits for (the helper's). A pipe reports either an error message or, by closing on exec, success:
+the parent returns once the guest's init really runs.
 
 The cgroup comes after the fork because the first cgroup move of a start waits for an RCU grace
 period (see prewarm), and every cgroup operation with it: the child's mounts are done meanwhile.
@@ -59,20 +60,21 @@ class Spec:
         self.bind_machine_id = bind_machine_id
         self.overlay = overlay          # an overlayfs root (overlay image, ephemeral run) instead of a bind mount
         self.nesting = nesting          # cgroup controllers writable: the guest may manage containers itself
-        # Runs in the parent once the child's namespaces exist, while the child builds its root,
-        # which execs only after them (network set-up moves links in here); gets the child's host pid.
-        # What one returns (its second half: a helper's answer, say) is called after the cgroup step.
-        self.on_namespaces: list[Callable[[int], Callable[[], object] | None]] = []
+        # The answers to requests made before the fork (a helper making the links of a network
+        # namespace in join): taken in the parent after the cgroup step (also when that failed, so
+        # that none is left unread), given the child's host pid; the child execs only after them.
+        self.answers: list[Callable[[int], object]] = []
         # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
         self.in_child: list[Callable[[int], None]] = []
-        # Namespaces to join instead of making new ones (a pod's): (fd, CLONE_NEW* type).
+        # Namespaces to join instead of making new ones (a pod's, or a network namespace made for
+        # the machine beforehand): (fd, CLONE_NEW* type).
         self.join: list[tuple[int, int]] = []
         # Makes the machine's cgroup in the parent while the child builds its root (then cgroup).
         self.make_cgroup: Callable[[], MachineCgroup] | None = None
 
     def waits(self) -> bool:
         """Whether the child waits for the parent's word before its cgroup namespace (see _go)."""
-        return bool(self.on_namespaces) or self.cgroup is not None or self.make_cgroup is not None
+        return bool(self.answers) or self.cgroup is not None or self.make_cgroup is not None
 
 
 def machine_env(spec: Spec) -> dict[str, str]:
@@ -103,29 +105,38 @@ class Child:
 
 def spawn(spec: Spec) -> Child:
     """Start the machine's PID 1; returns after it exec'd, raises MachinedError with its reason if not."""
-    status_r, status_w = os.pipe()   # child -> parent: b"N" namespaces ready, b"E<msg>" error, EOF exec'd
-    go_r, go_w = os.pipe()           # parent -> child: b"C" in the cgroup, b"G" hooks done (see _go)
-    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    layout = spec.cgroup.layout if spec.cgroup is not None else cgroups.layout()  # (made, or to be made)
+    opened: list[int] = []
     try:
-        linux.unshare(linux.CLONE_NEWPID)
+        status_r, status_w = os.pipe()   # child -> parent: b"E<msg>" error, EOF exec'd
+        opened += (status_r, status_w)
+        go_r, go_w = os.pipe()           # parent -> child: b"C" in the cgroup, b"G" answers taken (see _go)
+        opened += (go_r, go_w)
+        layout = spec.cgroup.layout if spec.cgroup is not None else cgroups.layout()  # (made, or to be made)
+        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pid = os.fork()
-        except BaseException:
+            linux.unshare(linux.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+            except BaseException:
+                linux.setns(own_pidns, linux.CLONE_NEWPID)
+                raise
+            if pid == 0:
+                os.close(status_r)
+                os.close(go_w)
+                _child_main(spec, layout, status_w, go_r)
+            # Back to our own pid namespace for any later child (helpers, the next boot).
             linux.setns(own_pidns, linux.CLONE_NEWPID)
-            raise
-        if pid == 0:
-            os.close(status_r)
-            os.close(go_w)
-            _child_main(spec, layout, status_w, go_r)
-        # Back to our own pid namespace for any later child (helpers, the next boot).
-        linux.setns(own_pidns, linux.CLONE_NEWPID)
-    finally:
-        os.close(own_pidns)
-    os.close(status_w)
-    os.close(go_r)
-    pidfd = os.pidfd_open(pid)
-    child = Child(pid, pidfd)
+        finally:
+            os.close(own_pidns)
+        for fd in (status_w, go_r):
+            opened.remove(fd)
+            os.close(fd)
+        child = Child(pid, os.pidfd_open(pid))
+    except BaseException:
+        _take_answers(spec.answers, 0)
+        for fd in opened:  # (a child forked already gives up at its wait)
+            os.close(fd)
+        raise
     try:
         _go(spec, pid, status_r, go_w)
         _raise_for(_read_msg(status_r))
@@ -138,41 +149,40 @@ def spawn(spec: Spec) -> Child:
 
 
 def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
-    """The parent's part before the child's exec (closes go_w): the hooks ask, the cgroup is made
-    and the child moved in, b"C" lets the child go on to its cgroup namespace and pivot_root, the
-    hooks take their answers, b"G" lets it exec."""
-    halves: list[Callable[[], object]] = []  # the hooks' second halves, still to run
+    """The parent's part before the child's exec (closes go_w): the cgroup is made and the child
+    moved in, b"C" lets the child go on to its cgroup namespace and pivot_root, the answers are
+    taken, b"G" lets it exec."""
+    answers = list(spec.answers)  # still to take
     try:
-        if spec.on_namespaces:
-            _raise_for(_read_msg(status_r), expected=b"N")
-            for hook in spec.on_namespaces:
-                half = hook(pid)
-                if half is not None:
-                    halves.append(half)
         if spec.make_cgroup is not None:
             spec.cgroup = spec.make_cgroup()
         if spec.cgroup is not None:
             spec.cgroup.join_payload(pid)
         if spec.waits():
             _tell(go_w, b"C")
-        while halves:
-            halves.pop(0)()
+        while answers:
+            answers.pop(0)(pid)
     except BaseException:
-        for half in halves:  # (a helper's answer is taken before anything else is asked of it)
-            try:
-                half()
-            except Exception:  # noqa: BLE001 - the first error is the one reported
-                pass
+        _take_answers(answers, pid)  # (a helper's answer is taken before anything else is asked of it)
         os.close(go_w)  # the child gives up at its wait, if it got that far
         said = _read_msg(status_r)
         if said[:1] == b"E":  # it failed first, which may be why we did
             raise MachinedError(said[1:].decode(errors="replace")) from None
         raise
     try:
-        if spec.on_namespaces:
+        if spec.answers:
             _tell(go_w, b"G")
     finally:
         os.close(go_w)
+
+
+def _take_answers(answers: list[Callable[[int], object]], pid: int) -> None:
+    """After a failure: the answers still due, each taken, their errors dropped (the first is reported)."""
+    for answer in answers:
+        try:
+            answer(pid)
+        except Exception:  # noqa: BLE001 - the first error is the one reported
+            pass
 
 
 def _tell(go_w: int, what: bytes) -> None:
@@ -182,20 +192,15 @@ def _tell(go_w: int, what: bytes) -> None:
         pass  # the child failed meanwhile: its message follows
 
 
-def _raise_for(msg: bytes, expected: bytes = b"") -> None:
-    if msg != expected:
+def _raise_for(msg: bytes) -> None:
+    if msg:
         raise MachinedError(msg[1:].decode(errors="replace") if msg[:1] == b"E" else f"protocol error {msg!r}")
 
 
 def _read_msg(fd: int) -> bytes:
     chunks = []
-    while True:
-        b = os.read(fd, 4096)
-        if not b:
-            break
+    while b := os.read(fd, 4096):
         chunks.append(b)
-        if b[:1] == b"N":
-            break
     return b"".join(chunks)
 
 
@@ -229,8 +234,6 @@ def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
             linux.setns(fd, nstype)
             flags &= ~nstype
         linux.unshare(flags)
-        if spec.on_namespaces:
-            os.write(status_w, b"N")  # the parent's hooks run while we build the root
         if flags & linux.CLONE_NEWUTS:  # a joined UTS namespace keeps its (the pod's) name
             step = "set hostname"
             linux.sethostname(spec.name)
@@ -252,7 +255,7 @@ def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
         for hook in spec.in_child:
             hook(root_fd)
         if spec.waits() and os.read(go_r, 1) != b"C":
-            os._exit(1)  # the parent's hooks or the cgroup failed: it reports that
+            os._exit(1)  # the cgroup failed: the parent reports that
         step = "create cgroup namespace"  # rooted in the machine's cgroup, where the parent put us
         linux.unshare(linux.CLONE_NEWCGROUP)
         step = "mount /sys"
@@ -262,8 +265,8 @@ def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
         mounts.enter_root(spec.rootfs)
         step = "drop capabilities"
         security.drop_capabilities(("NET_ADMIN",))
-        if spec.on_namespaces and os.read(go_r, 1) != b"G":
-            os._exit(1)  # the parent's hooks failed: it reports that
+        if spec.answers and os.read(go_r, 1) != b"G":
+            os._exit(1)  # what the parent waited for failed: it reports that
         os.close(go_r)
         step = "set up the terminal"
         os.setsid()

@@ -180,6 +180,8 @@ class Supervisor:
                 if self.unit is not None:
                     self.unit.register(self.child.pid, self.data.get("interfaces"))
                 self._write_state()
+                if self.net is not None and (why := self.net.after_boot()):
+                    self._log(f"\r\n[machined: {why}]\r\n".encode())
                 self._report_ready()
                 status = self._loop()
                 self.child.close()
@@ -230,16 +232,20 @@ class Supervisor:
             self._make_cgroup()
         else:  # spawn has _make_cgroup make it once the child runs (see spawn)
             self.data["cgroup"] = cgroups.planned(self.plan.name).to_state()
+        if self.plan.network is not None:
+            self.net = self.plan.network
+            self.net.begin(self.data)
         state.write(self.plan.name, self.data)  # from here on a crash leaves a record to clean up
+        if self.net is not None:
+            self.net.ask_first_boot()
         if self.plan.limits is not None:
             resources.record(self.plan.name, self.plan.limits)
         if self.plan.rules != devices.DEFAULT or self.plan.nodes:
             from machined import passthrough
 
             passthrough.record(self.plan.name, self.plan.rules, self.plan.nodes)
-        if self.plan.network is not None:
-            self.net = self.plan.network
-            self.net.prepare(self.data)
+        if self.net is not None:
+            self.net.prepare()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signals.set_wakeup_fd(self.wake_w)
         for sig in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP):
@@ -321,10 +327,10 @@ class Supervisor:
                 spec.in_child.append(hook)
         if self.cgroup is None:
             spec.make_cgroup = self._make_cgroup
-        if self.net is not None:
-            spec.join = self.net.join_namespaces()
-            spec.on_namespaces.append(self.net.attach)
+        if self.net is not None:  # last: once it asked for links, spawn takes the answer whatever happens
             spec.in_child.append(self.net.in_child)
+            spec.join = self.net.boot_namespaces()
+            spec.answers.append(self.net.answer)
         return spec
 
     def _write_state(self) -> None:

@@ -40,6 +40,27 @@ def test_supervisor_side_loads_no_netlink_library() -> None:
     assert "'pyroute2'" not in loaded and "'asyncio'" not in loaded, loaded
 
 
+def test_requests_follow_each_other_and_are_answered_in_order() -> None:
+    """The supervisor asks for a boot's links, then for their addresses, before it reads an answer:
+    the answers come in order, the first error is the one raised (once all are read), and what is
+    asked next gets its own answer."""
+    from machined import netagent
+
+    agent = netagent.Agent()
+    try:
+        agent.send("no_such_step")
+        agent.send("teardown_links", link=None, bridge=None)
+        with pytest.raises(netagent.HelperError, match="unknown operation 'no_such_step'"):
+            agent.receive()
+        assert agent.request("teardown_links", link=None, bridge=None) is None
+        agent.send("no_such_step")
+        agent.drain()  # (a start that failed meanwhile): read, whatever it says
+        assert agent.unread == 0 and agent.request("teardown_links", link=None, bridge=None) is None
+    finally:
+        agent.close()
+    assert _comm(str(agent.pid)) == ""
+
+
 @pytest.mark.root
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
     name = env.name()

@@ -1,11 +1,11 @@
-"""spawn's hand-over with the parent: its namespace hooks (a machine's links) run while the child
-builds its root, the child execs only once they are done, and a failure on either side is reported
-once, with the child's own reason where the child failed first."""
+"""spawn's hand-over with the parent: the answers it waits for (a helper making a machine's links)
+are taken while the child builds its root and after the cgroup step, the child execs only once
+they are in, and a failure on either side is reported once, with the child's own reason where the
+child failed first."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,19 +36,19 @@ def _rootfs(env: Env) -> Path:
     return env.images / name
 
 
-def test_hooks_overlap_with_the_root_and_come_before_exec(env: Env, tmp_path: Path) -> None:
+def test_answers_overlap_with_the_root_and_come_before_exec(env: Env, tmp_path: Path) -> None:
     rootfs = _rootfs(env)
     marker = tmp_path / "root-built"
     seen: list[bool] = []
     spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
     spec.in_child.append(lambda root_fd: marker.touch())  # in the child, before pivot_root
 
-    def hook(pid: int) -> None:
-        # The child goes on to build its root meanwhile (with the old protocol it waited for us).
+    def answer(pid: int) -> None:
+        # The child goes on to build its root meanwhile, and waits for us to exec.
         seen.append(wait(marker.exists))
         seen.append(not _exited(pid) and Path(f"/proc/{pid}/comm").read_text().strip() != "true")  # not exec'd
 
-    spec.on_namespaces.append(hook)
+    spec.answers.append(answer)
     child = spawn.spawn(spec)
     try:
         _, status = os.waitpid(child.pid, 0)
@@ -66,34 +66,34 @@ def test_a_child_that_failed_first_is_the_error(env: Env, tmp_path: Path) -> Non
     (rootfs / "proc").symlink_to(f"../../../../../../../..{outside}")  # refused by the child
     spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
 
-    def hook(pid: int) -> None:
+    def answer(pid: int) -> None:
         assert wait(lambda: _exited(pid))
-        raise OSError(2, "the machine's namespace is gone")  # what a hook sees of a dead child
+        raise OSError(2, "the machine's namespace is gone")  # what a helper may say of a dead child
 
-    spec.on_namespaces.append(hook)
+    spec.answers.append(answer)
     with pytest.raises(MachinedError) as e:
         spawn.spawn(spec)
     assert "/proc" in str(e.value) and "namespace is gone" not in str(e.value)
-    # A child that failed while the hooks succeeded (their "go" finds no reader) is reported too.
+    # A child that failed while the answers were good (their "go" finds no reader) is reported too.
     def wait_for_the_child(pid: int) -> None:
         assert wait(lambda: _exited(pid))
 
-    spec.on_namespaces[:] = [wait_for_the_child]
+    spec.answers[:] = [wait_for_the_child]
     with pytest.raises(MachinedError, match="/proc"):
         spawn.spawn(spec)
     assert list(outside.iterdir()) == []
 
 
-def test_a_failing_hook_is_the_error_and_nothing_runs(env: Env, tmp_path: Path) -> None:
+def test_a_failing_answer_is_the_error_and_nothing_runs(env: Env, tmp_path: Path) -> None:
     rootfs = _rootfs(env)
     spec = _spec(env, rootfs, tmp_path, ["/bin/sh", "-c", "echo ran > /ran"])
     pids: list[int] = []
 
-    def hook(pid: int) -> None:
+    def answer(pid: int) -> None:
         pids.append(pid)
         raise MachinedError("Failed to create veth: it broke")
 
-    spec.on_namespaces.append(hook)
+    spec.answers.append(answer)
     with pytest.raises(MachinedError, match="it broke"):
         spawn.spawn(spec)
     assert not (rootfs / "ran").exists()  # the payload never ran
@@ -142,7 +142,7 @@ def test_a_failed_cgroup_is_the_error_and_nothing_runs(env: Env, tmp_path: Path)
     rootfs = _rootfs(env)
     spec = _spec(env, rootfs, tmp_path, ["/bin/sh", "-c", "echo ran > /ran"])
     forked: list[int] = []
-    spec.on_namespaces.append(forked.append)
+    spec.answers.append(forked.append)  # taken all the same
 
     def make() -> cgroups.MachineCgroup:
         raise MachinedError("Failed to create cgroup for spawntest: no room")
@@ -155,18 +155,13 @@ def test_a_failed_cgroup_is_the_error_and_nothing_runs(env: Env, tmp_path: Path)
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_a_hooks_second_half_comes_after_the_cgroup_even_when_that_fails(env: Env, tmp_path: Path,
-                                                                         fails: bool) -> None:
-    """A hook asks (a helper for links), the cgroup is made meanwhile, then the hook takes its answer:
-    also when making the cgroup failed, so that no answer is left unread."""
+def test_answers_come_after_the_cgroup_even_when_that_fails(env: Env, tmp_path: Path, fails: bool) -> None:
+    """The cgroup is made while a helper works on its request, then its answer is taken: also when
+    making the cgroup failed, so that no answer is left unread."""
     rootfs = _rootfs(env)
     name = env.name()
     order: list[str] = []
     spec = _spec(env, rootfs, tmp_path, ["/bin/true"])
-
-    def hook(pid: int) -> Callable[[], None]:
-        order.append("ask")
-        return lambda: order.append("answer")
 
     def make() -> cgroups.MachineCgroup:
         order.append("cgroup")
@@ -174,7 +169,7 @@ def test_a_hooks_second_half_comes_after_the_cgroup_even_when_that_fails(env: En
             raise MachinedError("Failed to create cgroup for spawntest: no room")
         return cgroups.create(name)
 
-    spec.on_namespaces.append(hook)
+    spec.answers.append(lambda pid: order.append("answer"))
     spec.make_cgroup = make
     try:
         if fails:
@@ -187,4 +182,23 @@ def test_a_hooks_second_half_comes_after_the_cgroup_even_when_that_fails(env: En
     finally:
         if spec.cgroup is not None:
             spec.cgroup.remove()
-    assert order == ["ask", "cgroup", "answer"]
+    assert order == ["cgroup", "answer"]
+
+
+def test_answers_are_taken_when_the_fork_fails(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request made before spawn gets its answer taken even when there is no child: nothing is left
+    open, and the pid namespace for our next children is our own again."""
+    spec = _spec(env, _rootfs(env), tmp_path, ["/bin/true"])
+    taken: list[int] = []
+    spec.answers.append(taken.append)
+    fds = sorted(os.listdir("/proc/self/fd"))
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(BlockingIOError):
+        spawn.spawn(spec)
+    assert taken == [0]
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
