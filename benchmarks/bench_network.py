@@ -6,14 +6,18 @@ On one busybox rootfs, alternating, in one run:
   systemd-nspawn -q -D R --register=no --keep-unit --private-network /bin/true
         vs the same with --network-bridge=BR (same bridge)
 Prints medians, the time networking adds to each (the median of bridged minus private network
-within each round) and the ratios of those additions, mctl/nspawn. mctl is a regular
-(non-editable) install of this checkout in a private venv unless --mctl names another.
+within each round) and the ratios of those additions, mctl/nspawn. Each round runs the cases in
+an order of its own (shuffled, seeded): a start finds the kernel still tearing down the network
+namespace and veth of the run before it, and a fixed order would always give the same case the
+same predecessor. mctl is a regular (non-editable) install of this checkout in a private venv
+unless --mctl names another.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -37,6 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--mctl", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=1, help="of the order of the cases in each round")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_network: run as root", file=sys.stderr)
@@ -67,8 +72,12 @@ def main() -> int:
             "nspawn, bridge": lambda: timed([*nspawn, f"--network-bridge={bridge}", "/bin/true"]),
         }
         results: dict[str, list[float]] = {k: [] for k in cases}
+        order = random.Random(a.seed)
         for i in range(a.runs + 2):
-            for key, run in cases.items():
+            keys = list(cases)
+            order.shuffle(keys)
+            for key in keys:
+                run = cases[key]
                 if key.startswith("mctl run"):
                     mode = "none" if key.endswith("none") else f"bridge:{bridge}"
                     cfg = work / "config" / f"{name}.toml"
