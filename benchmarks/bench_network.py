@@ -37,6 +37,13 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
+def _interval(values: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median: how far this run's figure may be from another's."""
+    rnd = random.Random(0)
+    medians = sorted(statistics.median(rnd.choices(values, k=len(values))) for _ in range(rounds))
+    return medians[int(rounds * 0.025)], medians[int(rounds * 0.975) - 1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=30)
@@ -98,10 +105,12 @@ def main() -> int:
         pairs = {"mctl start": ("mctl start, bridge", "mctl start, none"),
                  "mctl run": ("mctl run, bridge", "mctl run, none"),
                  "nspawn": ("nspawn, bridge", "nspawn, private network")}
-        added = {k: statistics.median(b - n for b, n in zip(results[kb], results[kn], strict=True)) * 1000
+        diffs = {k: [(b - n) * 1000 for b, n in zip(results[kb], results[kn], strict=True)]
                  for k, (kb, kn) in pairs.items()}
+        added = {k: statistics.median(d) for k, d in diffs.items()}
         for k, v in added.items():
-            print(f"bridged networking adds to {k:11} {v:6.1f} ms")
+            low, high = _interval(diffs[k])
+            print(f"bridged networking adds to {k:11} {v:6.1f} ms (95% interval {low:.1f} to {high:.1f})")
         if added["nspawn"] >= 1.0:
             print(f"ratio of the additions, mctl start/nspawn: {added['mctl start'] / added['nspawn']:.1f}; "
                   f"mctl run/nspawn: {added['mctl run'] / added['nspawn']:.1f}")
