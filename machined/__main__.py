@@ -1,8 +1,13 @@
 """mctl (bin/mctl imports this module to run it)."""
 
+import gc
 import sys
 
 if sys.argv[1:2] in (["run"], ["start"]):
+    # No cyclic collections on the start-up path: mctl's imports would set off a few (~3 ms), the
+    # supervisor's more, and each writes to the pages a fork shares. What lives on (supervisor,
+    # helpers) turns them back on once it is up.
+    gc.disable()
     from machined import prewarm  # first of all: its wait overlaps with everything else (see prewarm)
 
     prewarm.start()

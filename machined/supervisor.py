@@ -9,6 +9,7 @@ empty cgroup, a state file) that the next mctl call recognises by the free lock 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import select
 import sys
@@ -183,6 +184,9 @@ class Supervisor:
                 if self.net is not None and (why := self.net.after_boot()):
                     self._log(f"\r\n[machined: {why}]\r\n".encode())
                 self._report_ready()
+                if not gc.isenabled():  # (mctl's start-up path runs without collections)
+                    gc.freeze()  # what start-up made lives as long as we do: never to be scanned
+                    gc.enable()
                 status = self._loop()
                 self.child.close()
                 if self.net is not None:

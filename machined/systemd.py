@@ -412,6 +412,10 @@ def _serve(req_fd: int, rep_fd: int) -> None:
         os.close(null)
     for sig in (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGPIPE):
         signals.signal(sig, signals.SIG_IGN)  # stopping the scope signals us too: we go when the supervisor says
+    import gc
+
+    gc.freeze()  # (forked from mctl, whose start-up path runs without collections)
+    gc.enable()
     with open("/proc/self/comm", "w") as f:
         f.write("machined-bus")
     unit = registered = ""
