@@ -1,4 +1,5 @@
-"""Per-machine settings: frozen dataclasses, read from and written to NAME.toml, validated strictly.
+"""Per-machine settings: frozen records (machined.records: what frozen dataclasses give, without the
+import), read from and written to NAME.toml, validated strictly.
 
 An unknown key, a value of the wrong type or an impossible value is an error naming the file and
 the key; nothing is guessed.
@@ -6,12 +7,11 @@ the key; nothing is guessed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
 
-from machined import paths, plaintoml
+from machined import paths, plaintoml, records
 from machined.log import MachinedError, die
+from machined.records import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def parse_size(value: str | int) -> int:
     return int(n * _SIZE_SUFFIXES[suffix])
 
 
-@dataclass(frozen=True)
+@record
 class Network:
     mode: str = "bridge"            # none, veth, bridge[:NAME], interface:IF, macvlan:IF (see netconfig)
     address: str = ""               # fixed IPv4 address in the bridge's subnet; default: a stable lease
@@ -61,7 +61,7 @@ def with_network(base: Network, mode: str | None = None, ports: list[str] | None
     changes: dict[str, Any] = {k: v for k, v in (("mode", mode), ("pod", pod), ("address", address)) if v is not None}
     if ports:
         changes["ports"] = tuple(ports)
-    net = dataclasses.replace(base, **changes)
+    net = records.replace(base, **changes)
     try:
         net.validate()
     except ValueError as e:
@@ -69,7 +69,7 @@ def with_network(base: Network, mode: str | None = None, ports: list[str] | None
     return net
 
 
-@dataclass(frozen=True)
+@record
 class Resources:
     """Limits on the machine's cgroup, with systemd's meanings (see machined.resources)."""
 
@@ -89,7 +89,7 @@ class Resources:
             resources.validate(self)
 
 
-@dataclass(frozen=True)
+@record
 class Devices:
     allow: tuple[str, ...] = ()    # '/dev/fuse rw', 'char-usb_device rw', 'block-loop r', 'c 10:232 rwm'
     hotplug: tuple[str, ...] = ()  # 'subsystem=usb vendor=046d product=c52b access=rw' (see machined.hotplug)
@@ -106,7 +106,7 @@ class Devices:
             hotplug.parse(self.hotplug)
 
 
-@dataclass(frozen=True)
+@record
 class MachineConfig:
     name: str
     id: str
@@ -148,7 +148,7 @@ _SIZE_KEYS = {"memory_max", "memory_high", "memory_swap_max"}
 
 
 def _coerce(cls: type, section: str, data: dict[str, Any], where: str, **fixed: Any) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in records.fields(cls)}
     kwargs: dict[str, Any] = dict(fixed)
     for key, value in data.items():
         label = f"{section}.{key}" if section else key
@@ -238,17 +238,17 @@ def to_toml(cfg: MachineConfig) -> str:
     """Only non-default values are written, so files stay short and defaults can evolve."""
     lines = ["[machine]"]
     sections: list[str] = []
-    for f in dataclasses.fields(cfg):
+    for f in records.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name == "name":
             continue
         if f.name in _SECTIONS:
-            body = [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)
+            body = [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in records.fields(value)
                     if getattr(value, g.name) != getattr(_SECTIONS[f.name](), g.name)]
             if body:
                 sections += ["", f"[{f.name}]", *body]
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not records.MISSING else None
         if f.name == "id" or value != default:
             lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines + sections) + "\n"

@@ -273,9 +273,9 @@ def _require_writable(name: str, verb: str) -> config.MachineConfig:
 
 
 def _save(cfg: config.MachineConfig, **changes: Any) -> config.MachineConfig:
-    import dataclasses
+    from machined import records
 
-    new = dataclasses.replace(cfg, **changes)
+    new = records.replace(cfg, **changes)
     config.save(new)
     return new
 

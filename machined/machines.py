@@ -46,11 +46,9 @@ def start(name: str, foreground: bool = False, ephemeral: bool = False, network:
 
     cfg = load_config(name)
     if network:
-        import dataclasses
+        from machined import config, records
 
-        from machined import config
-
-        cfg = dataclasses.replace(cfg, network=config.with_network(cfg.network, **network))
+        cfg = records.replace(cfg, network=config.with_network(cfg.network, **network))
     plan = supervisor.plan_from_config(cfg, ephemeral=ephemeral)
     lock = supervisor.acquire(name)
     if foreground:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
 
 from machined import paths
 from machined.log import die
+from machined.records import field, record
 
 IFNAMSIZ = 16
 DEFAULT_BRIDGE = "mbr0"
@@ -134,7 +134,7 @@ def check_machine_network(mode: str, address: str, ports: tuple[str, ...], pod: 
 
 # --- the host's settings ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Bridge:
     name: str
     subnet: ipaddress.IPv4Network
@@ -160,7 +160,7 @@ class Bridge:
                 "keep": self.keep}
 
 
-@dataclass(frozen=True)
+@record
 class HostNetwork:
     default_bridge: str = DEFAULT_BRIDGE
     hosts_file: str = "/etc/hosts"

@@ -366,19 +366,17 @@ def thaw_for_stop(data: dict[str, object]) -> None:
 
 def set_limits(name: str, assignments: list[str], runtime_only: bool) -> None:
     """Apply to the running machine (if it runs), then keep in its settings (unless runtime_only)."""
-    import dataclasses
-
-    from machined import config, machines
+    from machined import config, machines, records
 
     paths.check_name(name)
     changes = dict(parse_assignment(a) for a in assignments)
     cfg = machines.load_config(name)
     data = state.running(name)
     try:
-        saved = dataclasses.replace(cfg.resources, **changes)  # type: ignore[arg-type]
+        saved = records.replace(cfg.resources, **changes)
         validate(saved)
         if data is not None:  # on top of what is in force, earlier --runtime changes included
-            live = dataclasses.replace(config.Resources(**_recorded(name)), **changes)  # type: ignore[arg-type]
+            live = records.replace(config.Resources(**_recorded(name)), **changes)  # type: ignore[arg-type]
             validate(live)
     except ValueError as e:
         die(f"Invalid limit: {e}")
@@ -391,7 +389,7 @@ def set_limits(name: str, assignments: list[str], runtime_only: bool) -> None:
     elif runtime_only:
         die(f"Machine {name} is not running", hint="without --runtime the limits are kept for its next start")
     if not runtime_only:
-        config.save(dataclasses.replace(cfg, resources=saved))
+        config.save(records.replace(cfg, resources=saved))
 
 
 def status(data: dict[str, object]) -> dict[str, object]:
