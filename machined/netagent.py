@@ -1,6 +1,6 @@
 """A machine's network helper: a process that does the machine's netlink work for its supervisor.
 
-Importing pyroute2's message classes (machined.netlink) takes about 25 ms, which would all be on a
+Importing pyroute2's message classes (machined.netlink) takes about 30 ms, which would all be on a
 start's critical path in mctl or the supervisor. So mctl forks the helper first thing when it
 starts or runs one machine whose network has links (prefork: decided from the command line and the
 machine's settings file), and the helper imports them on the other CPU meanwhile. The supervisor

@@ -22,7 +22,7 @@ import struct
 import time
 
 import machined
-from machined import linux, nat
+from machined import linux
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -34,11 +34,6 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NL
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # noqa: E402
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: E402
 from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
-
-try:
-    nat.library()  # loaded while mctl works, not on the first request
-except MachinedError:
-    pass  # no libnftables: said by the bridge that needs it
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 24, 26
@@ -271,6 +266,8 @@ def renew_bridge(bridge: dict[str, Any], lock: str) -> None:
     bridge that went meanwhile keeps no table)."""
     with _Flock(lock), Rtnl() as nl:
         if _bridge_index(nl, bridge) is not None:
+            from machined import nat
+
             nat.renew_bridge(bridge)
 
 
@@ -296,6 +293,8 @@ def ensure_bridge(nl: Rtnl, br: dict[str, Any]) -> int:
     if index is not None:
         return index
     name = br["name"]
+    from machined import nat  # (libnftables: ~3 ms, loaded where a bridge is made or its table renewed)
+
     _check_subnet_free(nl, br)
     try:
         nl.call(RTM_NEWLINK, _link(ifname=name, address=stable_mac("bridge", name), linkinfo=_linkinfo("bridge")),
@@ -336,6 +335,8 @@ def _remove_bridge_if_unused(nl: Rtnl, name: str) -> None:
            nl.call(RTM_GETLINK, _link(master=idx), NLM_F_DUMP, reply=ifinfmsg)):
         return  # a port is left: another machine (or the host's own use) needs it
     _delete_link(nl, name)
+    from machined import nat
+
     nat.delete_table(nat.bridge_table(name))
 
 

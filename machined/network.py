@@ -252,8 +252,7 @@ class MachineNetwork:
             self._links_made()
 
     def after_boot(self) -> str:
-        """Once the boot's init runs, before mctl returns: the bridge's NAT table renewed meanwhile,
-        or why not."""
+        """Once the boot's init runs (and mctl has returned): the bridge's NAT table renewed, or why not."""
         if not self.renewing:
             return ""
         self.renewing = False
@@ -307,9 +306,10 @@ class MachineNetwork:
             self.data["interfaces"] = [host_ifname("mv-", self.mode.link)]
         # (recorded by the state written next: nothing to clean up goes by these)
         if self.mode.kind == "bridge" and self.bridge is not None:
-            # The bridge's NAT table made anew where a firewall reload flushed it: asked now, so
-            # that it is not on the way of the start (after_boot takes the answer). A flushed table
-            # was missing since the flush anyway, and so it is for a moment longer.
+            # The bridge's NAT table made anew where a firewall reload flushed it: asked now, and
+            # answered once the machine runs (after_boot), so that it is not on the way of the
+            # start. A flushed table was missing since the flush anyway, and so it is for a few
+            # milliseconds longer.
             agent.send("renew_bridge", bridge=self.bridge.to_json(), lock=ipam.lock_path())
             self.renewing = True
 

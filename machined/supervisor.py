@@ -181,9 +181,9 @@ class Supervisor:
                 if self.unit is not None:
                     self.unit.register(self.child.pid, self.data.get("interfaces"))
                 self._write_state()
+                self._report_ready()
                 if self.net is not None and (why := self.net.after_boot()):
                     self._log(f"\r\n[machined: {why}]\r\n".encode())
-                self._report_ready()
                 if not gc.isenabled():  # (mctl's start-up path runs without collections)
                     gc.freeze()  # what start-up made lives as long as we do: never to be scanned
                     gc.enable()
