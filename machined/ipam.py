@@ -45,26 +45,38 @@ def _load() -> dict[str, dict[str, dict[str, object]]]:
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
-class Store:
-    """`with Store() as s:` holds the network lock; changes are written back when it is left (also
-    on an error: what was leased is in the owner's state, and its teardown gives it back).
-    Store(load=False): the lock alone."""
+class Lock:
+    """`with Lock():` holds the network lock alone (the network helper's, as it works on a bridge)."""
 
-    def __init__(self, load: bool = True) -> None:
+    def __init__(self) -> None:
         self.fd = -1
-        self.data: dict[str, dict[str, dict[str, object]]] = {}
-        self.dirty = False
-        self.load = load
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Lock:
         os.makedirs(store_dir(), mode=0o755, exist_ok=True)
         self.fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
-        if self.load:
-            self.data = _load()
-            for key in ("leases", "ports"):
-                self.data.setdefault(key, {})
-            self._reclaim()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)  # (a child forked meanwhile may still have it open)
+        os.close(self.fd)
+
+
+class Store(Lock):
+    """`with Store() as s:` holds the network lock; changes are written back when it is left (also
+    on an error: what was leased is in the owner's state, and its teardown gives it back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[str, dict[str, dict[str, object]]] = {}
+        self.dirty = False
+
+    def __enter__(self) -> Store:
+        super().__enter__()
+        self.data = _load()
+        for key in ("leases", "ports"):
+            self.data.setdefault(key, {})
+        self._reclaim()
         return self
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -72,8 +84,7 @@ class Store:
             if self.dirty:
                 self._save()
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)  # (a child forked meanwhile may still have it open)
-            os.close(self.fd)
+            super().__exit__(typ, exc, tb)
 
     def _save(self) -> None:
         live = {k: v for k, v in self.data.items() if v}

@@ -14,8 +14,8 @@ for over a socket.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import os
 import socket
 import struct
@@ -134,27 +134,13 @@ class Rtnl:
                     answer.append(parsed)
 
 
-class _Flock:
-    """An exclusive flock on path while in the with block (nothing for '')."""
+def _network_lock(take: bool) -> contextlib.AbstractContextManager[object]:
+    """The network lock (ipam's) if take: where a bridge is made, or may go meanwhile."""
+    if not take:
+        return contextlib.nullcontext()
+    from machined import ipam  # (not on the way of a start on a kept bridge: it loads ipaddress)
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = -1
-
-    def __enter__(self) -> None:
-        if self.path:
-            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)  # (the first start's)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
-                raise
-            self.fd = fd
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
+    return ipam.Lock()
 
 
 # --- messages -------------------------------------------------------------------------------------
@@ -260,11 +246,11 @@ def _kind(link: Any) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
-def renew_bridge(bridge: dict[str, Any], lock: str) -> None:
+def renew_bridge(bridge: dict[str, Any], held: bool) -> None:
     """Once a machine's links are made: the NAT table of its bridge made anew where it is not as
-    add_bridge left it (a firewall reload may have flushed it). lock: the network lock to hold (a
-    bridge that went meanwhile keeps no table)."""
-    with _Flock(lock), Rtnl() as nl:
+    add_bridge left it (a firewall reload may have flushed it). Under the network lock (a bridge
+    that went meanwhile keeps no table); held: the caller holds it."""
+    with _network_lock(not held), Rtnl() as nl:
         if _bridge_index(nl, bridge) is not None:
             from machined import nat
 
@@ -343,16 +329,16 @@ def _remove_bridge_if_unused(nl: Rtnl, name: str) -> None:
 # --- one machine's links --------------------------------------------------------------------------
 
 def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, outer: str, altname: str,
-                seed: str, lock: str) -> None:
+                seed: str, held: bool) -> None:
     """The host's side of a veth pair: outer on the host (up, a port of the bridge; for kind 'veth'
     a point-to-point link, down until address_veth), host0 in netns. bridge:
-    netconfig.Bridge.to_json(). lock: the network lock (ipam's), '' where the caller holds it.
-    The bridge's NAT table is renewed afterwards (renew_bridge)."""
+    netconfig.Bridge.to_json(). held: the caller holds the network lock. The bridge's NAT table is
+    renewed afterwards (renew_bridge)."""
     with Rtnl() as nl:
         # A kept bridge that is there needs no lock: no teardown removes it. One to make, or one that
         # goes with its last port, stays locked until our port is on it.
         index = _bridge_index(nl, bridge) if kind == "bridge" and bridge["keep"] else None
-        with _Flock(lock if kind == "bridge" and index is None else ""):
+        with _network_lock(kind == "bridge" and index is None and not held):
             if kind == "bridge" and index is None:
                 index = ensure_bridge(nl, bridge)
             master = {"master": index} if index is not None else {}

@@ -173,7 +173,6 @@ class MachineNetwork:
         self.record["lease"] = str(self.address)
         a6 = br.address6(self.address) if self.mode.kind == "bridge" else None
         self.data["addresses"] = [str(self.address)] + ([str(a6)] if a6 else [])
-        self._record_link()
 
     def _record_link(self) -> None:
         """The host's end of the veth pair: recorded (in the state written next) before any boot makes it."""
@@ -202,6 +201,7 @@ class MachineNetwork:
                 if self.mode.kind in ("bridge", "veth"):
                     self.bridge = self.bridge or self._bridge()  # the pod ended since check()
                     self._lease(store, [ref])
+                    self._record_link()
                     info.update(bridge=self.bridge.name, keep=self.bridge.keep)
                 pods.write_info(pod, info)
                 state.write(self.name, self.data)
@@ -232,7 +232,7 @@ class MachineNetwork:
         self.netns = linux.new_net_namespace()
         try:
             # The helper takes the network lock where a bridge is to be made or may go meanwhile.
-            self._ask_links(lock=ipam.lock_path())
+            self._ask_links(held=False)
             if self.address is not None:  # a reboot: leased already
                 self._ask_addresses()
         except BaseException:
@@ -263,13 +263,13 @@ class MachineNetwork:
         return ""
 
     def _attach_links(self) -> None:
-        self._ask_links(lock="")  # (we hold the network lock)
+        self._ask_links(held=True)  # (we hold the network lock)
         self._ask_addresses()
         self._links_made()
 
-    def _ask_links(self, lock: str) -> None:
+    def _ask_links(self, held: bool) -> None:
         """The request for a boot's links (for a veth pair, the host's side: addresses follow).
-        lock: the network lock for the helper to take where it needs it, '' if we hold it."""
+        held: we hold the network lock, which the helper takes otherwise where it needs it."""
         agent = self._helper()
         if self.mode.kind in ("bridge", "veth"):
             br = self.bridge
@@ -278,7 +278,7 @@ class MachineNetwork:
             prefix, base = self._link_prefix(), self.pod or self.name
             agent.send("attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind,
                        outer=outer, altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed,
-                       lock=lock)
+                       held=held)
         elif self.mode.kind == "interface":
             agent.send("move_in", self.netns, machine=self.name, link=self.mode.link)
         elif self.mode.kind == "macvlan":
@@ -310,7 +310,7 @@ class MachineNetwork:
             # answered once the machine runs (after_boot), so that it is not on the way of the
             # start. A flushed table was missing since the flush anyway, and so it is for a few
             # milliseconds longer.
-            agent.send("renew_bridge", bridge=self.bridge.to_json(), lock=ipam.lock_path())
+            agent.send("renew_bridge", bridge=self.bridge.to_json(), held=False)
             self.renewing = True
 
     def in_child(self, root_fd: int) -> None:
