@@ -1,20 +1,21 @@
 """A machine's network helper: a process that does the machine's netlink work for its supervisor.
 
-Importing pyroute2's message classes (machined.netlink) takes about 30 ms, which would all be on a
-start's critical path in mctl or the supervisor. So mctl forks the helper first thing when it
-starts or runs one machine whose network has links (prefork: decided from the command line and the
-machine's settings file), and the helper imports them on the other CPU meanwhile. The supervisor
-then asks it for each netlink step (OPS: functions of machined.netlink), handing over the machine's
-network namespace as an fd: one JSON message per request and per reply on a socket pair
-(SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each other before their answers are read; the
-helper answers them in order.
+mctl starts the helper first thing when it starts or runs one machine whose network has links
+(prefork: decided from the command line and the machine's settings file), as a new interpreter on
+the other CPU. A machine's common start sends requests saved by an earlier one (netops: replays);
+otherwise the helper imports pyroute2's message classes (machined.netlink, about 30 ms) meanwhile,
+which would all be on a start's critical path in mctl or the supervisor. The supervisor then asks
+it for each netlink step (OPS: functions of machined.netops), handing over the machine's network
+namespace as an fd: one JSON message per request and per reply on a socket pair (SOCK_SEQPACKET,
+SCM_RIGHTS). Requests may follow each other before their answers are read; the helper answers
+them in order.
 
-The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor) and ignores
-terminal and stop signals: it ends when its socket does, when the supervisor closes it or dies. A
-supervisor records its helper in the machine's state, so that the teardown after a killed
-supervisor waits until the helper has finished the step it was doing (wait_gone).
+The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor), runs in a
+session of its own and ignores terminal and stop signals: it ends when its socket does, when the
+supervisor closes it or dies. A supervisor records its helper in the machine's state, so that the
+teardown after a killed supervisor waits until the helper has finished the step it was doing
+(wait_gone).
 """
-
 from __future__ import annotations
 
 import os
@@ -50,28 +51,33 @@ class HelperError(Exception):
 
 
 class Agent:
-    """The supervisor's end of a helper process (which is forked here)."""
+    """The supervisor's end of a helper process (which is started here, for machine)."""
 
-    def __init__(self) -> None:
-        # The socket module costs ~6 ms to import (its enums), before the fork: its C part does here.
+    def __init__(self, machine: str = "") -> None:
+        # The socket module costs ~6 ms to import (its enums): its C part does here.
         import _socket
 
         ours, theirs = (s.detach() for s in _socket.socketpair(_socket.AF_UNIX,
                                                                _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC))
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(ours)
-                _serve(theirs)
-            finally:
-                os._exit(0)
-        os.close(theirs)
+        try:
+            os.set_inheritable(theirs, True)
+            # A new interpreter rather than a fork: a fork's pages would be shared with mctl, which
+            # then copies each one it writes to as it goes on (3-4 ms of a start). Isolated and
+            # without site (~3 ms less to start), on our module path: it imports what we do.
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (also where no path has it)
+            argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, root, *sys.path]
+            pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
+        except BaseException:
+            os.close(ours)
+            raise
+        finally:
+            os.close(theirs)
         self.fd = ours
         self._sock: _socket.socket | None = None
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)  # before anyone could reap it: it is our child
         self.creator = os.getpid()
-        self.machine = ""
+        self.machine = machine
         self.op = ""
         self.used = False
         self.unread = 0  # requests sent whose answers are not read yet
@@ -211,14 +217,14 @@ def prefork(name: str, mode: str | None) -> None:
     """Called by mctl first thing when it starts or runs machine name; mode: its --network option."""
     global _preforked
     if (mode if mode is not None else _configured_mode(name)).partition(":")[0] in LINK_MODES:
-        _preforked = Agent()
+        _preforked = Agent(name)
 
 
 def take(machine: str) -> Agent:
-    """The helper for machine: the one forked first thing, else a new one."""
+    """The helper for machine: the one started first thing, else a new one."""
     global _preforked
     agent, _preforked = _preforked, None
-    agent = agent or Agent()
+    agent = agent or Agent(machine)
     agent.machine = machine
     return agent
 
@@ -277,8 +283,20 @@ def _configured_mode(name: str) -> str:
 
 # --- the helper -------------------------------------------------------------------------------------
 
-def _serve(old: int) -> None:
-    """The helper's life: shed mctl's descriptors, import netlink, answer until the socket ends."""
+_MAIN = "import sys; sys.path[:] = sys.argv[3:]; from machined import netagent; netagent.main()"
+
+
+def main() -> None:
+    """The helper's interpreter (Agent): its socket's fd and its machine are its arguments."""
+    try:
+        _serve(int(sys.argv[1]), sys.argv[2])
+    finally:
+        os._exit(0)
+
+
+def _serve(old: int, machine: str) -> None:
+    """The helper's life: shed mctl's descriptors, import netlink unless machine's start can do
+    without (netops), answer until the socket ends."""
     import fcntl
     import gc
 
@@ -291,48 +309,49 @@ def _serve(old: int) -> None:
     for i in (0, 1, 2):
         os.dup2(null, i)
     os.close(null)
-    os.setsid()
     for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGHUP):
         signals.signal(sig, signals.SIG_IGN)  # the supervisor ends us when it has torn the network down
     with open("/proc/self/comm", "w") as comm:
         comm.write(COMM)
-    # The imports make tens of thousands of objects and no garbage: no collection meanwhile, and none
-    # ever of them or of mctl's objects (which would also copy the pages this process shares with mctl).
-    gc.freeze()
+    # The imports make tens of thousands of objects and no garbage: no collection meanwhile, and
+    # none ever of them.
     gc.disable()
-    failure = ""
-    try:
-        from machined import netlink
-    except Exception as e:  # noqa: BLE001 - said in answer to every request
-        failure = repr(e)
+    import _socket  # (not socket: its enums take a few ms more to import)
+
+    from machined import jsonc, linux, netops  # noqa: F401 - linux: for the replays' setns, now
+
+    if not machine or not netops.replayable(machine):
+        try:
+            from machined import netlink  # noqa: F401 - now, while mctl gets the machine ready
+        except Exception:  # noqa: BLE001 - the step that needs it says why
+            pass
     gc.freeze()
     gc.enable()
 
-    import socket
-    import traceback
-
-    from machined import jsonc
-
-    conn = socket.socket(fileno=fd)
+    conn = _socket.socket(fileno=fd)
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(conn, 65536, 1)
+            data, ancillary, _, _ = conn.recvmsg(65536, _socket.CMSG_SPACE(4))
         except OSError:
             break
+        fds = [int.from_bytes(fd_data[:4], sys.byteorder) for level, kind, fd_data in ancillary
+               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(fd_data) >= 4]
         if not data:
+            for passed in fds:
+                os.close(passed)
             break  # the supervisor closed us, or is gone
         reply: dict[str, Any]
         try:
             msg = jsonc.loads(data)
             op = msg.pop("op")
-            if failure:
-                raise HelperError(failure)
             if op not in OPS:
                 raise ValueError(f"unknown operation {op!r}")
-            reply = {"result": getattr(netlink, op)(*fds, **msg)}
+            reply = {"result": getattr(netops, op)(*fds, **msg)}
         except MachinedError as e:
             reply = {"error": e.message, "hint": e.hint}
         except Exception as e:  # noqa: BLE001 - the supervisor reports it
+            import traceback
+
             reply = {"exception": repr(e), "traceback": traceback.format_exc()}
         finally:
             for passed in fds:

@@ -18,15 +18,16 @@ import contextlib
 import errno
 import os
 import socket
-import struct
 import time
 
 import machined
-from machined import linux
+from machined import netops
 from machined.log import MachinedError, die
+from machined.netops import VETH_SETTLE, NetlinkError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 machined.bare_package("pyroute2")  # its __init__ imports every API it has (IPDB, NDB, nl80211, ...): 100-200 ms
@@ -38,20 +39,11 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: E402
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 24, 26
 RTM_NEWLINKPROP = 108
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFF_UP = 0x1
 RTEXT_FILTER_SKIP_STATS = 1 << 3  # smaller answers, quicker to decode
 IFA_F_NODAD = 0x02
 RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
 MACVLAN_MODE_BRIDGE = 4
-TIMEOUT = 30.0  # for one request: the kernel answers at once, or something is badly wrong
-VETH_SETTLE = 0.05  # how long a machine's veth may take to go with its namespace before we delete it
-_HEADER = struct.Struct("=IHHII")
-
-
-class NetlinkError(OSError):
-    """The kernel's error reply to a request."""
-
 
 def stable_mac(*seed: str) -> str:
     """A locally administered unicast MAC address that stays the same for the same seed."""
@@ -71,28 +63,11 @@ def _nl(what: str, e: OSError) -> MachinedError:
     return MachinedError(f"Failed to {what}: {e.strerror or e}")
 
 
-def _socket_in(nsfd: int) -> socket.socket:
-    """A netlink socket in the network namespace nsfd (sockets stay in the namespace they were made in)."""
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        linux.setns(nsfd, linux.CLONE_NEWNET)
-        try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        finally:
-            linux.setns(own, linux.CLONE_NEWNET)
-    finally:
-        os.close(own)
-
-
 class Rtnl:
     """A route netlink socket (in our network namespace, or in netns): one request at a time."""
 
     def __init__(self, netns: int = -1) -> None:
-        if netns >= 0:
-            self.sock = _socket_in(netns)
-        else:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        self.sock.settimeout(TIMEOUT)
+        self.sock = netops.rtnl_socket(netns)
         self.seq = 0
 
     def __enter__(self) -> Rtnl:
@@ -111,27 +86,15 @@ class Rtnl:
         msg.encode()
         self.sock.send(msg.data)
         answer: list[Any] = []
-        while True:
-            data = self.sock.recv(1 << 17)
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, mtype, _, seq, _ = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    break  # malformed: the rest of this datagram cannot be framed
-                start, offset = offset, offset + length
-                if seq != self.seq:
-                    continue  # an answer to an earlier request that timed out
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, start + _HEADER.size)[0]
-                    if code:
-                        raise NetlinkError(code, os.strerror(code))
-                    return answer
-                if mtype == NLMSG_DONE:
-                    return answer
-                if reply is not None:
-                    parsed = reply(data[start:offset])
-                    parsed.decode()
-                    answer.append(parsed)
+
+        def decode(data: bytes) -> None:
+            if reply is not None:
+                parsed = reply(data)
+                parsed.decode()
+                answer.append(parsed)
+
+        netops.read_answer(self.sock, self.seq, decode)
+        return answer
 
 
 def _network_lock(take: bool) -> contextlib.AbstractContextManager[object]:
@@ -177,7 +140,7 @@ def _index(nl: Rtnl, ifname: str) -> int | None:
     return int(link["index"]) if link is not None else None
 
 
-def _add_addr(nl: Rtnl, index: int, address: str, prefixlen: int, peer: str = "", flags: int = 0) -> None:
+def _addr(index: int, address: str, prefixlen: int, peer: str = "", flags: int = 0) -> ifaddrmsg:
     """address on the link index; with peer, a point-to-point address (address local, peer remote)."""
     msg = ifaddrmsg()
     msg["family"] = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -185,15 +148,15 @@ def _add_addr(nl: Rtnl, index: int, address: str, prefixlen: int, peer: str = ""
     msg["index"] = index
     msg["flags"] = flags
     msg["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", peer or address)]
-    nl.call(RTM_NEWADDR, msg, NLM_F_CREATE | NLM_F_EXCL)
+    return msg
 
 
-def _add_default_route(nl: Rtnl, gateway: str) -> None:
+def _default_route(gateway: str) -> rtmsg:
     msg = rtmsg()
     msg["family"] = socket.AF_INET6 if ":" in gateway else socket.AF_INET
     msg.update(dst_len=0, table=RT_TABLE_MAIN, proto=RTPROT_STATIC, scope=0, type=RTN_UNICAST)
     msg["attrs"] = [("RTA_GATEWAY", gateway)]
-    nl.call(RTM_NEWROUTE, msg, NLM_F_CREATE | NLM_F_EXCL)
+    return msg
 
 
 def _set_up(nl: Rtnl, index: int, **attrs: Any) -> None:
@@ -246,25 +209,11 @@ def _kind(link: Any) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
-def renew_bridge(bridge: dict[str, Any], held: bool) -> None:
-    """Once a machine's links are made: the NAT table of its bridge made anew where it is not as
-    add_bridge left it (a firewall reload may have flushed it). Under the network lock (a bridge
-    that went meanwhile keeps no table); held: the caller holds it."""
-    with _network_lock(not held), Rtnl() as nl:
-        if _bridge_index(nl, bridge) is not None:
-            from machined import nat
-
-            nat.renew_bridge(bridge)
-
-
 def _bridge_index(nl: Rtnl, br: dict[str, Any]) -> int | None:
     """The bridge's index, None if there is none; a link of its name that is no bridge refused."""
     name = br["name"]
-    try:  # (sysfs: no netlink answer to decode on every start)
-        index = _ifindex(name)
-    except FileNotFoundError:
-        return None
-    if not os.path.isdir(f"/sys/class/net/{name}/bridge"):
+    index = netops.bridge_index(name)  # (sysfs: no netlink answer to decode on every start)
+    if index is None and os.path.exists(f"/sys/class/net/{name}"):
         link = _get_link(nl, name)
         kind = _kind(link) if link is not None else None
         die(f"Failed to use bridge {name}: a link of that name exists and is a {kind or 'device'}")
@@ -290,9 +239,10 @@ def ensure_bridge(nl: Rtnl, br: dict[str, Any]) -> int:
     idx = _index(nl, name)
     assert idx is not None
     try:
-        _add_addr(nl, idx, br["gateway"], _prefixlen(br["subnet"]))
+        nl.call(RTM_NEWADDR, _addr(idx, br["gateway"], _prefixlen(br["subnet"])), NLM_F_CREATE | NLM_F_EXCL)
         if br["ipv6_subnet"]:
-            _add_addr(nl, idx, br["gateway6"], _prefixlen(br["ipv6_subnet"]), flags=IFA_F_NODAD)
+            nl.call(RTM_NEWADDR, _addr(idx, br["gateway6"], _prefixlen(br["ipv6_subnet"]), flags=IFA_F_NODAD),
+                    NLM_F_CREATE | NLM_F_EXCL)
         _write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
         nat.add_bridge(br)
         if br["nat"]:
@@ -333,7 +283,8 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
     """The host's side of a veth pair: outer on the host (up, a port of the bridge; for kind 'veth'
     a point-to-point link, down until address_veth), host0 in netns. bridge:
     netconfig.Bridge.to_json(). held: the caller holds the network lock. The bridge's NAT table is
-    renewed afterwards (renew_bridge)."""
+    renewed afterwards (renew_bridge). Its requests are the replay's (netops.attach_veth)."""
+    args = {"machine": machine, "bridge": bridge, "kind": kind, "outer": outer, "altname": altname, "seed": seed}
     with Rtnl() as nl:
         # A kept bridge that is there needs no lock: no teardown removes it. One to make, or one that
         # goes with its last port, stays locked until our port is on it.
@@ -341,54 +292,97 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
         with _network_lock(kind == "bridge" and index is None and not held):
             if kind == "bridge" and index is None:
                 index = ensure_bridge(nl, bridge)
-            master = {"master": index} if index is not None else {}
             _delete_link(nl, outer, VETH_SETTLE)  # the last boot's, if its namespace is not gone yet
-            # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
-            peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", netns),
-                              ("IFLA_ADDRESS", stable_mac(seed, "host0"))]}
-            try:
-                nl.call(RTM_NEWLINK, _link(ifname=outer, up=master != {}, address=stable_mac(seed, outer),
-                                           linkinfo=_linkinfo("veth", ("VETH_INFO_PEER", peer)), **master),
-                        NLM_F_CREATE | NLM_F_EXCL)
-            except NetlinkError as e:
-                raise _nl(f"create veth {outer} for {machine}", e) from None
-        if altname:
-            nl.call(RTM_NEWLINKPROP, _link(_ifindex(outer), prop_list={"attrs": [("IFLA_ALT_IFNAME", altname)]}),
-                    NLM_F_CREATE | NLM_F_EXCL)
+            netops.run(replay("attach_veth", args), netns, outer, index)
 
 
-def address_veth(netns: int, bridge: dict[str, Any], kind: str, outer: str, address: str,
+def address_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, outer: str, address: str,
                  address6: str = "") -> int:
     """After attach_veth: host0's addresses and default routes in netns, up; for kind 'veth' also
-    outer's point-to-point address, up. Returns outer's index."""
-    idx = _ifindex(outer)
+    outer's point-to-point address, up. Returns outer's index. Its requests are the replay's
+    (netops.address_veth)."""
+    args = {"machine": machine, "bridge": bridge, "kind": kind, "outer": outer, "address": address,
+            "address6": address6}
+    netops.run(replay("address_veth", args), netns, outer)
+    return netops.ifindex(outer)
+
+
+Request = tuple[str, str, int, nlmsg, int]  # namespace ("host", "machine"), what, type, message, flags
+
+
+def attach_requests(m: dict[str, int], machine: str, bridge: dict[str, Any], kind: str, outer: str,
+                    altname: str, seed: str) -> list[Request]:
+    """attach_veth's requests, m: the values (or markers) of the fields a replay fills in."""
+    # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
+    peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", m["netns"]),
+                      ("IFLA_ADDRESS", stable_mac(seed, "host0"))]}
+    master = {"master": m["master"]} if kind == "bridge" else {}
+    veth = _link(ifname=outer, up=kind == "bridge", address=stable_mac(seed, outer),
+                 linkinfo=_linkinfo("veth", ("VETH_INFO_PEER", peer)), **master)
+    made: list[Request] = [("host", f"create veth {outer} for {machine}", RTM_NEWLINK, veth, NLM_F_CREATE | NLM_F_EXCL)]
+    if altname:
+        prop = _link(m["outer"], prop_list={"attrs": [("IFLA_ALT_IFNAME", altname)]})
+        made.append(("host", "", RTM_NEWLINKPROP, prop, NLM_F_CREATE | NLM_F_EXCL))
+    return made
+
+
+def address_requests(m: dict[str, int], machine: str, bridge: dict[str, Any], kind: str, outer: str,
+                     address: str, address6: str) -> list[Request]:
+    """address_veth's requests, m: the values (or markers) of the fields a replay fills in."""
+    add = NLM_F_CREATE | NLM_F_EXCL
+    made: list[Request] = []
     if kind != "bridge":
-        with Rtnl() as nl:
-            # Point to point: the host side holds the gateway address, with the machine as peer.
-            # No route_localnet here: without the bridge's guard rule it would open the host's
-            # loopback services to the machine, so forwards from 127.0.0.1 are a bridge's alone.
-            _add_addr(nl, idx, bridge["gateway"], 32, peer=address)
-            _set_up(nl, idx)
-    with Rtnl(netns) as nl:  # (loopback: the machine brings it up)
-        host0 = _index(nl, "host0")
-        assert host0 is not None
-        if kind == "bridge":
-            _add_addr(nl, host0, address, _prefixlen(bridge["subnet"]))
-            if address6:
-                _add_addr(nl, host0, address6, _prefixlen(bridge["ipv6_subnet"]), flags=IFA_F_NODAD)
-        else:
-            _add_addr(nl, host0, address, 32, peer=bridge["gateway"])
-        _set_up(nl, host0)
-        _add_default_route(nl, bridge["gateway"])
-        if kind == "bridge" and bridge["gateway6"]:
-            _add_default_route(nl, bridge["gateway6"])
-    return idx
+        # Point to point: the host side holds the gateway address, with the machine as peer.
+        # No route_localnet here: without the bridge's guard rule it would open the host's
+        # loopback services to the machine, so forwards from 127.0.0.1 are a bridge's alone.
+        made += [("host", "", RTM_NEWADDR, _addr(m["outer"], bridge["gateway"], 32, peer=address), add),
+                 ("host", "", RTM_NEWLINK, _link(m["outer"], up=True), 0)]
+    # (loopback: the machine brings it up)
+    if kind == "bridge":
+        made.append(("machine", "", RTM_NEWADDR, _addr(m["host0"], address, _prefixlen(bridge["subnet"])), add))
+        if address6:
+            six = _addr(m["host0"], address6, _prefixlen(bridge["ipv6_subnet"]), flags=IFA_F_NODAD)
+            made.append(("machine", "", RTM_NEWADDR, six, add))
+    else:
+        made.append(("machine", "", RTM_NEWADDR, _addr(m["host0"], address, 32, peer=bridge["gateway"]), add))
+    made += [("machine", "", RTM_NEWLINK, _link(m["host0"], up=True), 0),
+             ("machine", "", RTM_NEWROUTE, _default_route(bridge["gateway"]), add)]
+    if kind == "bridge" and bridge["gateway6"]:
+        made.append(("machine", "", RTM_NEWROUTE, _default_route(bridge["gateway6"]), add))
+    return made
 
 
-def _ifindex(ifname: str) -> int:
-    """A host link's index (sysfs: the helper is in the host's network namespace)."""
-    with open(f"/sys/class/net/{ifname}/ifindex") as f:
-        return int(f.read())
+REQUESTS: dict[str, Callable[..., list[Request]]] = {"attach_veth": attach_requests,
+                                                     "address_veth": address_requests}
+
+
+def encode(request: Request) -> bytes:
+    """A request as it is sent, its sequence number 0 (netops.fill sets it)."""
+    _, _, kind, msg, flags = request
+    msg["header"].update(type=kind, flags=NLM_F_REQUEST | NLM_F_ACK | flags, sequence_number=0, pid=0)
+    msg.encode()
+    return bytes(msg.data)
+
+
+def replay(op: str, args: dict[str, Any]) -> list[netops.Step]:
+    """op's replay for args (netops): the saved one, else built from its requests and saved. Built
+    with one set of markers after another until two builds agree: a value of a request that happens
+    to equal a marker is found with that set only."""
+    machine = args["machine"]
+    steps = netops.load(machine, op, args)
+    if steps is not None:
+        return steps
+    built: list[list[netops.Step]] = []
+    for markers in netops.MARKER_SETS:
+        steps = []
+        for request in REQUESTS[op](markers, **args):
+            data = encode(request)
+            steps.append((request[0], request[1], data, netops.locate(data, markers)))
+        if any(netops.same(steps, other) for other in built):
+            netops.save(machine, op, args, steps)
+            return steps
+        built.append(steps)
+    raise MachinedError(f"Failed to {op.replace('_', ' ')} for {machine}: its requests cannot be replayed")
 
 
 def move_in(netns: int, machine: str, link: str) -> None:

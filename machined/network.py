@@ -69,7 +69,7 @@ class MachineNetwork:
         self.address: ipaddress.IPv4Address | None = None
         self.netns = -1
         self.asked = False  # links asked for the next boot, the answer not taken yet
-        self.renewing = False  # the bridge's NAT table asked to be renewed, the answer not taken yet
+        self.renewing = False  # the bridge's NAT table to be renewed once the machine runs
         self.pod_fds: list[tuple[int, int]] = []
         self.record: dict[str, Any] = {"mode": str(self.mode)}
         # Who owns the links and the lease: the machine, or its pod.
@@ -256,8 +256,9 @@ class MachineNetwork:
         if not self.renewing:
             return ""
         self.renewing = False
+        assert self.bridge is not None
         try:
-            self._helper().receive()
+            self._helper().request("renew_bridge", bridge=self.bridge.to_json(), held=False)
         except MachinedError as e:
             return str(e)
         return ""
@@ -291,8 +292,8 @@ class MachineNetwork:
             assert self.bridge is not None
             addresses = self.data["addresses"]  # as _lease() made them: IPv4, and IPv6 where the bridge has it
             assert isinstance(addresses, list)
-            self._helper().send("address_veth", self.netns, bridge=self.bridge.to_json(), kind=self.mode.kind,
-                                outer=self.record["host_link"], address=addresses[0],
+            self._helper().send("address_veth", self.netns, machine=self.name, bridge=self.bridge.to_json(),
+                                kind=self.mode.kind, outer=self.record["host_link"], address=addresses[0],
                                 address6=addresses[1] if len(addresses) > 1 else "")
 
     def _links_made(self) -> None:
@@ -306,11 +307,9 @@ class MachineNetwork:
             self.data["interfaces"] = [host_ifname("mv-", self.mode.link)]
         # (recorded by the state written next: nothing to clean up goes by these)
         if self.mode.kind == "bridge" and self.bridge is not None:
-            # The bridge's NAT table made anew where a firewall reload flushed it: asked now, and
-            # answered once the machine runs (after_boot), so that it is not on the way of the
-            # start. A flushed table was missing since the flush anyway, and so it is for a few
-            # milliseconds longer.
-            agent.send("renew_bridge", bridge=self.bridge.to_json(), held=False)
+            # The bridge's NAT table made anew where a firewall reload flushed it: once the machine
+            # runs (after_boot), so that it is not on the way of the start. A flushed table was
+            # missing since the flush anyway, and so it is for a few milliseconds longer.
             self.renewing = True
 
     def in_child(self, root_fd: int) -> None:
@@ -580,6 +579,6 @@ def _remove_links(agent: netagent.Agent | None, link: str | None, bridge: str | 
             return
         except netagent.HelperGone:
             pass  # it was killed: done here instead
-    from machined import netlink
+    from machined import netops
 
-    netlink.teardown_links(link, bridge)
+    netops.teardown_links(link, bridge)

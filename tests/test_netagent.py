@@ -1,4 +1,4 @@
-"""The network helper (machined.netagent): forked as mctl starts or runs a machine whose network has
+"""The network helper (machined.netagent): started as mctl starts or runs a machine whose network has
 links, it alone loads pyroute2 and does the machine's netlink work; it holds nothing of
 mctl's, and no path (stop, run, a killed supervisor, a start that fails anywhere) leaves it behind."""
 
