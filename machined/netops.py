@@ -159,9 +159,11 @@ def _path(machine: str, op: str) -> str:
 
 
 def _key(op: str, args: dict[str, Any]) -> str:
-    # (the kernel's release too: a replay is only ever sent to the kernel that acknowledged it)
-    text = jsonc.dumps({"op": op, "args": args, "version": machined.__version__, "kernel": os.uname().release},
-                       sort_keys=True)
+    # Also the code that builds the requests (netlink.py as installed: another machined builds others)
+    # and the kernel's release (a replay is only ever sent to the kernel that acknowledged it).
+    st = os.stat(os.path.join(os.path.dirname(__file__), "netlink.py"))
+    text = jsonc.dumps({"op": op, "args": args, "version": machined.__version__, "kernel": os.uname().release,
+                        "builder": [st.st_size, st.st_mtime_ns]}, sort_keys=True)
     return machined.sha256(text.encode()).hex()
 
 
@@ -181,10 +183,14 @@ def load(machine: str, op: str, args: dict[str, Any]) -> list[Step] | None:
 
 
 def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None:
+    """Best effort: a replay that cannot be saved is built again next time."""
     path = _path(machine, op)
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    jsonc.save(path, {"key": _key(op, args),
-                      "steps": [[ns, what, data.hex(), fields] for ns, what, data, fields in steps]})
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        jsonc.save(path, {"key": _key(op, args),
+                          "steps": [[ns, what, data.hex(), fields] for ns, what, data, fields in steps]})
+    except OSError:
+        pass
 
 
 REPLAYED = ("attach_veth", "address_veth")

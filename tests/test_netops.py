@@ -3,6 +3,7 @@ start, its fields filled in, without importing pyroute2; and what it makes is wh
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def test_replays_are_kept_per_machine_and_settings(runtime: Path) -> None:
         path.write_text(damage)
         assert netops.load("m1", "attach_veth", ATTACH) is None
     assert netlink.replay("attach_veth", ATTACH) == steps  # made again
+    builder = Path(netlink.__file__)
+    stamp = builder.stat()
+    try:  # another machined (its netlink.py) builds its own
+        os.utime(builder, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))
+        assert netops.load("m1", "attach_veth", ATTACH) is None
+    finally:
+        os.utime(builder, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert netops.load("m1", "attach_veth", ATTACH) == steps
     with pytest.raises(Exception, match="Invalid machine name"):
         netops.load("../x", "attach_veth", ATTACH)
 
