@@ -16,6 +16,7 @@ supervisor closes it or dies. A supervisor records its helper in the machine's s
 teardown after a killed supervisor waits until the helper has finished the step it was doing
 (wait_gone).
 """
+
 from __future__ import annotations
 
 import os

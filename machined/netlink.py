@@ -2,14 +2,16 @@
 machine, links moved in and out.
 
 pyroute2's message classes (ifinfmsg, ifaddrmsg, rtmsg) build and parse every message; the socket
-is a plain blocking one, driven here. pyroute2's IPRoute and AsyncIPRoute would do the same work
-through asyncio, whose import with theirs costs about 80 ms against 25 ms for the message classes,
-and a start asks for a few sequential requests, which an event loop does not make faster.
+is a plain blocking one (netops.rtnl_socket, its answers framed by netops.read_answer). pyroute2's
+IPRoute and AsyncIPRoute would do the same work through asyncio, whose import with theirs costs
+about 80 ms against 25 ms for the message classes, and a start asks for a few sequential requests,
+which an event loop does not make faster.
 
-This module is loaded by a machine's network helper (machined.netagent) while mctl gets the machine
-ready, and in-process only by the teardown that follows a killed supervisor. Every operation takes
-plain values (names, addresses, the machine's network namespace as an fd) so that it can be asked
-for over a socket.
+This module is loaded by a machine's network helper (machined.netagent) where a replay does not do
+(machined.netops: requests built here once, sent as saved by later starts), and in-process only by
+the teardown that follows a killed supervisor where a link did not go by itself. Every operation
+takes plain values (names, addresses, the machine's network namespace as an fd) so that it can be
+asked for over a socket.
 """
 
 from __future__ import annotations
@@ -429,10 +431,11 @@ def move_out(netns: int, link: str) -> None:
         os.close(host)
 
 
-def teardown_links(link: str | None, bridge: str | None) -> None:
-    """Delete the host end of a machine's link, and the bridge if no port is left on it."""
+def teardown_links(link: str | None, bridge: str | None, settle: float = VETH_SETTLE) -> None:
+    """Delete the host end of a machine's link (unless it goes by itself within settle seconds), and
+    the bridge if no port is left on it."""
     with Rtnl() as nl:
         if link:
-            _delete_link(nl, link, VETH_SETTLE)
+            _delete_link(nl, link, settle)
         if bridge:
             _remove_bridge_if_unused(nl, bridge)

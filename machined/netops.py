@@ -97,6 +97,7 @@ def renew_bridge(bridge: dict[str, Any], held: bool) -> None:
 def teardown_links(link: str | None, bridge: str | None) -> None:
     """Delete the host end of a machine's link, and the bridge if no port is left on it. A veth goes
     by itself with the machine's network namespace: where that is all, no request is needed."""
+    settle = VETH_SETTLE
     if link and not bridge:
         import time
 
@@ -105,9 +106,10 @@ def teardown_links(link: str | None, bridge: str | None) -> None:
             time.sleep(0.001)
         if not _exists(link):
             return
+        settle = 0.0  # (waited for here)
     from machined import netlink
 
-    netlink.teardown_links(link, bridge)
+    netlink.teardown_links(link, bridge, settle)
 
 
 def move_in(netns: int, machine: str, link: str) -> None:

@@ -7,11 +7,11 @@ the address the one the lease store (ipam) handed out. Names resolve through hos
 manager keeps: one per machine, bind-mounted read-only over the guest's /etc/hosts (the guest's
 own entries plus every running machine), and a managed block in the host's hosts file.
 
-The netlink work (machined.netlink, pyroute2's message classes) is done by the machine's network
-helper (machined.netagent), forked as mctl starts, so that neither mctl nor the supervisor imports
-pyroute2. What a machine's network leaves on the host is recorded in its state under
-"network" and removed by teardown(), which is idempotent and also runs (in-process) after a
-supervisor was killed.
+The netlink work (machined.netops: replays of requests that machined.netlink built with pyroute2's
+message classes, or netlink itself) is done by the machine's network helper (machined.netagent),
+started as mctl starts, so that neither mctl nor the supervisor imports pyroute2. What a machine's
+network leaves on the host is recorded in its state under "network" and removed by teardown(),
+which is idempotent and also runs (in-process) after a supervisor was killed.
 """
 
 from __future__ import annotations
