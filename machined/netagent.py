@@ -1,10 +1,11 @@
 """A machine's network helper: a process that does the machine's netlink work for its supervisor.
 
 mctl starts the helper first thing when it starts or runs one machine whose network has links
-(prefork: decided from the command line and the machine's settings file), as a new interpreter on
-the other CPU. A machine's common start sends requests saved by an earlier one (netops: replays);
-otherwise the helper imports pyroute2's message classes (machined.netlink, about 30 ms) meanwhile,
-which would all be on a start's critical path in mctl or the supervisor. The supervisor then asks
+(prefork: decided from the command line and the machine's settings file), on the other CPU. A
+machine's common start sends requests saved by an earlier one (netops: replays), and its helper is
+a new interpreter that loads little; otherwise the helper is forked and imports pyroute2's message
+classes (machined.netlink, about 30 ms) meanwhile, which would all be on a start's critical path in
+mctl or the supervisor. The supervisor then asks
 it for each netlink step (OPS: functions of machined.netops), handing over the machine's network
 namespace as an fd: one JSON message per request and per reply on a socket pair (SOCK_SEQPACKET,
 SCM_RIGHTS). Requests may follow each other before their answers are read; the helper answers
@@ -58,16 +59,30 @@ class Agent:
         # The socket module costs ~6 ms to import (its enums): its C part does here.
         import _socket
 
+        from machined import netops
+
         ours, theirs = (s.detach() for s in _socket.socketpair(_socket.AF_UNIX,
                                                                _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC))
+        # A machine whose replays are saved gets a new interpreter: a fork's pages would be shared
+        # with mctl, which then copies each one it writes to as it goes on (3-4 ms of a start). One
+        # that needs pyroute2 is forked: its import (~30 ms) starts at once, not after the ~10 ms an
+        # interpreter takes to start, and that is what its start waits for.
+        replayed = bool(machine) and netops.replayable(machine)
         try:
-            os.set_inheritable(theirs, True)
-            # A new interpreter rather than a fork: a fork's pages would be shared with mctl, which
-            # then copies each one it writes to as it goes on (3-4 ms of a start). Isolated and
-            # without site (~3 ms less to start), on our module path: it imports what we do.
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (also where no path has it)
-            argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, root, *sys.path]
-            pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
+            if replayed:
+                os.set_inheritable(theirs, True)
+                # Isolated and without site (~3 ms less to start), on our module path.
+                root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (where no path has it)
+                argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, root, *sys.path]
+                pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
+            else:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.close(ours)
+                        _serve(theirs, preload=True)
+                    finally:
+                        os._exit(0)
         except BaseException:
             os.close(ours)
             raise
@@ -288,20 +303,25 @@ _MAIN = "import sys; sys.path[:] = sys.argv[3:]; from machined import netagent; 
 
 
 def main() -> None:
-    """The helper's interpreter (Agent): its socket's fd and its machine are its arguments."""
+    """The helper's interpreter (Agent): its socket's fd is its argument."""
     try:
-        _serve(int(sys.argv[1]), sys.argv[2])
+        _serve(int(sys.argv[1]), preload=False)
     finally:
         os._exit(0)
 
 
-def _serve(old: int, machine: str) -> None:
-    """The helper's life: shed mctl's descriptors, import netlink unless machine's start can do
-    without (netops), answer until the socket ends."""
+def _serve(old: int, preload: bool) -> None:
+    """The helper's life: shed mctl's descriptors, import netlink if preload (the machine's start
+    has no replays: netops), answer until the socket ends."""
     import fcntl
     import gc
 
     from machined import signals
+
+    gc.freeze()  # (forked: mctl's objects are never to be scanned, which would copy their pages)
+    gc.disable()
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # (forked: a session of our own, as a new interpreter has)
 
     fd = fcntl.fcntl(old, fcntl.F_DUPFD_CLOEXEC, 3)  # above the standard streams, which may be closed
     os.closerange(3, fd)  # nothing of mctl's: no lock, no pipe of its caller, no other helper's socket
@@ -316,12 +336,11 @@ def _serve(old: int, machine: str) -> None:
         comm.write(COMM)
     # The imports make tens of thousands of objects and no garbage: no collection meanwhile, and
     # none ever of them.
-    gc.disable()
     import _socket  # (not socket: its enums take a few ms more to import)
 
     from machined import jsonc, linux, netops  # noqa: F401 - linux: for the replays' setns, now
 
-    if not machine or not netops.replayable(machine):
+    if preload:
         try:
             from machined import netlink  # noqa: F401 - now, while mctl gets the machine ready
         except Exception:  # noqa: BLE001 - the step that needs it says why

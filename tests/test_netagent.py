@@ -63,21 +63,26 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
 
 @pytest.mark.root
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
+    """The first start's helper is forked (it loads pyroute2 at once); a later one, with the
+    machine's replays saved, is a new interpreter (netops): either holds nothing of mctl's."""
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    env.ok("start", name)
-    data = state(env, name)
-    [pid] = helpers(name)
-    assert data["network"]["agent"]["pid"] == int(pid)  # type: ignore[index]
-    fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-    assert [fds[fd] for fd in ("0", "1", "2")] == ["/dev/null"] * 3, fds
-    # Its socket to the supervisor: no lock, no file, no pipe of mctl's caller.
-    assert all(t.startswith("socket:") for fd, t in fds.items() if fd not in "012"), fds
-    assert os.getsid(int(pid)) == int(pid)  # its own session: a terminal's signals are not for it
-    # No event loop on either side: the netlink and D-Bus work is blocking requests in sequence.
-    assert not maps_asyncio(pid) and not maps_asyncio(data["supervisor"]["pid"])  # type: ignore[index]
-    env.ok("poweroff", name)
-    assert helpers(name) == [] and _comm(pid) == ""
+    for forked in (True, False):
+        env.ok("start", name)
+        data = state(env, name)
+        [pid] = helpers(name)
+        assert data["network"]["agent"]["pid"] == int(pid)  # type: ignore[index]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert (b"-I" not in argv) == forked and (b"netagent.main()" in b" ".join(argv)) != forked, argv
+        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert [fds[fd] for fd in ("0", "1", "2")] == ["/dev/null"] * 3, fds
+        # Its socket to the supervisor: no lock, no file, no pipe of mctl's caller.
+        assert all(t.startswith("socket:") for fd, t in fds.items() if fd not in "012"), fds
+        assert os.getsid(int(pid)) == int(pid)  # its own session: a terminal's signals are not for it
+        # No event loop on either side: the netlink and D-Bus work is blocking requests in sequence.
+        assert not maps_asyncio(pid) and not maps_asyncio(data["supervisor"]["pid"])  # type: ignore[index]
+        env.ok("poweroff", name)
+        assert helpers(name) == [] and _comm(pid) == ""
 
 
 @pytest.mark.root
