@@ -26,6 +26,7 @@ import struct
 
 import machined
 from machined import jsonc, paths
+from machined.log import MachinedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -178,10 +179,16 @@ def load(machine: str, op: str, args: dict[str, Any]) -> list[Step] | None:
     if not isinstance(saved, dict) or saved.get("key") != _key(op, args):
         return None
     try:
-        return [(ns, what, bytes.fromhex(data), [(int(o), str(f)) for o, f in fields])
-                for ns, what, data, fields in saved["steps"]]
+        steps = [(str(ns), str(what), bytes.fromhex(data), [(int(o), str(f)) for o, f in fields])
+                 for ns, what, data, fields in saved["steps"]]
     except (KeyError, TypeError, ValueError):
         return None
+    # (nothing is sent that would not fit: each field where a 32-bit value goes, of a known name)
+    if all(ns in ("host", "machine") and len(data) >= HEADER.size and
+           all(o % 4 == 0 and HEADER.size <= o <= len(data) - 4 and f in FIELDS for o, f in fields)
+           for ns, _, data, fields in steps):
+        return steps
+    return None
 
 
 def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None:
@@ -229,23 +236,25 @@ def same(a: list[Step], b: list[Step]) -> bool:
 def run(steps: list[Step], netns: int, outer: str, master: int | None = None) -> None:
     """Send a replay's requests in order, each once the last was acknowledged; NetlinkError for an
     error reply (a MachinedError "Failed to <what>" where the step says what)."""
-    values: dict[str, Callable[[], int]] = {
+    lookups: dict[str, Callable[[], int]] = {
         "netns": lambda: netns, "master": lambda: master if master is not None else -1,
         "outer": lambda: ifindex(outer), "host0": lambda: _index_in(netns, "host0")}
+    values: dict[str, int] = {}  # (each looked up once, when a request first needs it)
     socks: dict[str, _socket.socket] = {}
     try:
         for seq, step in enumerate(steps, 1):
-            ns, what = step[:2]
+            ns, what, _, fields = step
             sock = socks.get(ns)
             if sock is None:
                 sock = socks[ns] = rtnl_socket(netns if ns == "machine" else -1)
-            sock.send(fill(step, seq, {field: values[field]() for _, field in step[3]}))
+            for _, field in fields:
+                if field not in values:
+                    values[field] = lookups[field]()
+            sock.send(fill(step, seq, values))
             try:
                 read_answer(sock, seq)
             except NetlinkError as e:
                 if what:
-                    from machined.log import MachinedError
-
                     raise MachinedError(f"Failed to {what}: {e.strerror}") from None
                 raise
     finally:

@@ -3,6 +3,7 @@ start, its fields filled in, without importing pyroute2; and what it makes is wh
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,9 +72,17 @@ def test_replays_are_kept_per_machine_and_settings(runtime: Path) -> None:
     assert netops.load("m2", "attach_veth", {**ATTACH, "machine": "m2"}) is None
     path = Path(netops.replay_paths("m1")[0])
     assert path.parent == runtime / "network" / "replays" and path.name == "m1.attach_veth.json"
+    saved = json.loads(path.read_text())
     for damage in ("", "{", '{"key": 1}', "[]"):
         path.write_text(damage)
         assert netops.load("m1", "attach_veth", ATTACH) is None
+    # Fields that would not fit their request (their key right): refused too.
+    for field in ([1 << 20, "netns"], [2, "netns"], [20, "pid"]):
+        damaged = {**saved, "steps": [[*saved["steps"][0][:3], [field]], *saved["steps"][1:]]}
+        path.write_text(json.dumps(damaged))
+        assert netops.load("m1", "attach_veth", ATTACH) is None, field
+    path.write_text(json.dumps({**saved, "steps": [["other", *saved["steps"][0][1:]]]}))
+    assert netops.load("m1", "attach_veth", ATTACH) is None
     assert netlink.replay("attach_veth", ATTACH) == steps  # made again
     builder = Path(netlink.__file__)
     stamp = builder.stat()
