@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 TIMEOUT = 60.0  # for one step; a helper that takes longer is stuck
 LINK_MODES = ("veth", "bridge", "interface", "macvlan")
+REPLAYED_MODES = ("veth", "bridge")  # (netops: replays make their links)
 OPS = ("attach_veth", "address_veth", "renew_bridge", "move_in", "add_macvlan", "move_out", "teardown_links")
 COMM = "machined-net"
 
@@ -55,7 +56,8 @@ class HelperError(Exception):
 class Agent:
     """The supervisor's end of a helper process (which is started here, for machine)."""
 
-    def __init__(self, machine: str = "") -> None:
+    def __init__(self, machine: str = "", kind: str = "") -> None:
+        """kind: the mode of machine's network (its links are replayed for REPLAYED_MODES)."""
         # The socket module costs ~6 ms to import (its enums): its C part does here.
         import _socket
 
@@ -67,7 +69,7 @@ class Agent:
         # with mctl, which then copies each one it writes to as it goes on (3-4 ms of a start). One
         # that needs pyroute2 is forked: its import (~30 ms) starts at once, not after the ~10 ms an
         # interpreter takes to start, and that is what its start waits for.
-        replayed = bool(machine) and netops.replayable(machine)
+        replayed = kind in REPLAYED_MODES and netops.replayable(machine)
         try:
             if replayed:
                 os.set_inheritable(theirs, True)
@@ -232,15 +234,16 @@ def _close_all() -> None:
 def prefork(name: str, mode: str | None) -> None:
     """Called by mctl first thing when it starts or runs machine name; mode: its --network option."""
     global _preforked
-    if (mode if mode is not None else _configured_mode(name)).partition(":")[0] in LINK_MODES:
-        _preforked = Agent(name)
+    kind = (mode if mode is not None else _configured_mode(name)).partition(":")[0]
+    if kind in LINK_MODES:
+        _preforked = Agent(name, kind)
 
 
-def take(machine: str) -> Agent:
+def take(machine: str, kind: str) -> Agent:
     """The helper for machine: the one started first thing, else a new one."""
     global _preforked
     agent, _preforked = _preforked, None
-    agent = agent or Agent(machine)
+    agent = agent or Agent(machine, kind)
     agent.machine = machine
     return agent
 

@@ -107,7 +107,7 @@ class MachineNetwork:
     def _helper(self) -> netagent.Agent:
         """The network helper, recorded: a killed supervisor's teardown waits for it."""
         if self.agent is None:
-            self.agent = netagent.take(self.name)
+            self.agent = netagent.take(self.name, self.mode.kind)
             self.record["agent"] = state.proc_ref(self.agent.pid)
             if self.data:  # made by the supervisor (a pod that ended since check()): recorded at once
                 state.write(self.name, self.data)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from machined import netlink, netops
-from tests.conftest import SESSION_SUBNET, Env
-from tests.test_network import address, links, sh, state
+from tests.conftest import SESSION_SUBNET, Env, processes
+from tests.test_network import address, dummy, links, sh, state
 
 BRIDGE = {"name": "mbtest0", "subnet": "10.77.5.0/24", "gateway": "10.77.5.1", "ipv6_subnet": "fd00:77:5::/64",
           "gateway6": "fd00:77:5::1", "nat": True, "keep": True}
@@ -176,3 +176,21 @@ def test_a_link_in_the_way_is_left_to_netlink(env: Env) -> None:
         assert outer not in links()
     finally:
         subprocess.run(["ip", "link", "del", outer], capture_output=True)
+
+
+@pytest.mark.root
+def test_a_mode_without_replays_gets_a_helper_that_loads_pyroute2(env: Env) -> None:
+    """A bridged machine's replays are nothing to a start in another mode: its helper is forked and
+    loads pyroute2 at once, as for a machine that never had replays."""
+    name = env.name()
+    env.ok("create", name, "--template", "busybox")
+    env.ok("start", name)
+    env.ok("terminate", name)
+    assert all(p.exists() for p in _replays(env, name))
+    with dummy() as link:
+        env.ok("start", name, "--network", f"interface:{link}")
+        [pid] = processes("machined-net", name)
+        assert b"-I" not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")  # forked, not spawned
+        assert link in env.ok("shell", name, "--", "ip", "-o", "link")
+        env.ok("poweroff", name)
+        assert link in links()
