@@ -5,11 +5,10 @@ mctl starts the helper first thing when it starts or runs one machine whose netw
 machine's common start sends requests saved by an earlier one (netops: replays), and its helper is
 a new interpreter that loads little; otherwise the helper is forked and imports pyroute2's message
 classes (machined.netlink, about 30 ms) meanwhile, which would all be on a start's critical path in
-mctl or the supervisor. The supervisor then asks
-it for each netlink step (OPS: functions of machined.netops), handing over the machine's network
-namespace as an fd: one JSON message per request and per reply on a socket pair (SOCK_SEQPACKET,
-SCM_RIGHTS). Requests may follow each other before their answers are read; the helper answers
-them in order.
+mctl or the supervisor. The supervisor then asks it for each netlink step (OPS: functions of
+machined.netops), handing over the machine's network namespace as an fd: one JSON message per
+request and per reply on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each
+other before their answers are read; the helper answers them in order.
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor), runs in a
 session of its own and ignores terminal and stop signals: it ends when its socket does, when the
@@ -116,7 +115,7 @@ class Agent:
         return self._sock
 
     def send(self, op: str, netns: int = -1, **args: Any) -> None:
-        """Ask the helper to do op (a function of machined.netlink), with the network namespace netns.
+        """Ask the helper to do op (a function of machined.netops), with the network namespace netns.
         Requests may follow each other before their answers are taken (receive)."""
         import _socket
 
@@ -321,7 +320,9 @@ def _serve(old: int, preload: bool) -> None:
 
     from machined import signals
 
-    gc.freeze()  # (forked: mctl's objects are never to be scanned, which would copy their pages)
+    # The imports make tens of thousands of objects and no garbage: no collection until they are
+    # done, and none ever of them (nor, forked, of mctl's objects: scanning would copy their pages).
+    gc.freeze()
     gc.disable()
     if os.getsid(0) != os.getpid():
         os.setsid()  # (forked: a session of our own, as a new interpreter has)
@@ -337,8 +338,6 @@ def _serve(old: int, preload: bool) -> None:
         signals.signal(sig, signals.SIG_IGN)  # the supervisor ends us when it has torn the network down
     with open("/proc/self/comm", "w") as comm:
         comm.write(COMM)
-    # The imports make tens of thousands of objects and no garbage: no collection meanwhile, and
-    # none ever of them.
     import _socket  # (not socket: its enums take a few ms more to import)
 
     from machined import jsonc, linux, netops  # noqa: F401 - linux: for the replays' setns, now

@@ -215,7 +215,7 @@ def _bridge_index(nl: Rtnl, br: dict[str, Any]) -> int | None:
     """The bridge's index, None if there is none; a link of its name that is no bridge refused."""
     name = br["name"]
     index = netops.bridge_index(name)  # (sysfs: no netlink answer to decode on every start)
-    if index is None and os.path.exists(f"/sys/class/net/{name}"):
+    if index is None and netops.link_exists(name):
         link = _get_link(nl, name)
         kind = _kind(link) if link is not None else None
         die(f"Failed to use bridge {name}: a link of that name exists and is a {kind or 'device'}")
@@ -280,13 +280,12 @@ def _remove_bridge_if_unused(nl: Rtnl, name: str) -> None:
 
 # --- one machine's links --------------------------------------------------------------------------
 
-def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, outer: str, altname: str,
-                seed: str, held: bool) -> None:
+def attach_veth(netns: int, args: dict[str, Any], held: bool) -> None:
     """The host's side of a veth pair: outer on the host (up, a port of the bridge; for kind 'veth'
-    a point-to-point link, down until address_veth), host0 in netns. bridge:
-    netconfig.Bridge.to_json(). held: the caller holds the network lock. The bridge's NAT table is
-    renewed afterwards (renew_bridge). Its requests are the replay's (netops.attach_veth)."""
-    args = {"machine": machine, "bridge": bridge, "kind": kind, "outer": outer, "altname": altname, "seed": seed}
+    a point-to-point link, down until address_veth), host0 in netns. args: those of
+    netops.attach_veth (also the replay's key), bridge netconfig.Bridge.to_json(). held: the caller
+    holds the network lock. The bridge's NAT table is renewed afterwards (renew_bridge)."""
+    bridge, kind, outer = args["bridge"], args["kind"], args["outer"]
     with Rtnl() as nl:
         # A kept bridge that is there needs no lock: no teardown removes it. One to make, or one that
         # goes with its last port, stays locked until our port is on it.
@@ -298,15 +297,12 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
             netops.run(replay("attach_veth", args), netns, outer, index)
 
 
-def address_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, outer: str, address: str,
-                 address6: str = "") -> int:
+def address_veth(netns: int, args: dict[str, Any]) -> int:
     """After attach_veth: host0's addresses and default routes in netns, up; for kind 'veth' also
-    outer's point-to-point address, up. Returns outer's index. Its requests are the replay's
-    (netops.address_veth)."""
-    args = {"machine": machine, "bridge": bridge, "kind": kind, "outer": outer, "address": address,
-            "address6": address6}
-    netops.run(replay("address_veth", args), netns, outer)
-    return netops.ifindex(outer)
+    outer's point-to-point address, up. args: those of netops.address_veth (also the replay's
+    key). Returns outer's index."""
+    netops.run(replay("address_veth", args), netns, args["outer"])
+    return netops.ifindex(args["outer"])
 
 
 Request = tuple[str, str, int, nlmsg, int]  # namespace ("host", "machine"), what, type, message, flags

@@ -60,10 +60,10 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
     args = {"machine": machine, "bridge": bridge, "kind": kind, "outer": outer, "altname": altname, "seed": seed}
     steps = load(machine, "attach_veth", args)
     master = bridge_index(bridge["name"]) if kind == "bridge" else None
-    if steps is None or (kind == "bridge" and (master is None or not bridge["keep"])) or _exists(outer):
+    if steps is None or (kind == "bridge" and (master is None or not bridge["keep"])) or link_exists(outer):
         from machined import netlink
 
-        netlink.attach_veth(netns, machine, bridge, kind, outer, altname, seed, held)
+        netlink.attach_veth(netns, args, held)
         return
     run(steps, netns, outer, master)
 
@@ -77,7 +77,7 @@ def address_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, ou
     if steps is None:
         from machined import netlink
 
-        return netlink.address_veth(netns, machine, bridge, kind, outer, address, address6)
+        return netlink.address_veth(netns, args)
     run(steps, netns, outer)
     return ifindex(outer)
 
@@ -103,9 +103,9 @@ def teardown_links(link: str | None, bridge: str | None) -> None:
         import time
 
         deadline = time.monotonic() + VETH_SETTLE
-        while _exists(link) and time.monotonic() < deadline:
+        while link_exists(link) and time.monotonic() < deadline:
             time.sleep(0.001)
-        if not _exists(link):
+        if not link_exists(link):
             return
         settle = 0.0  # (waited for here)
     from machined import netlink
@@ -148,7 +148,8 @@ def bridge_index(name: str) -> int | None:
         return None
 
 
-def _exists(ifname: str) -> bool:
+def link_exists(ifname: str) -> bool:
+    """Whether the host has a link of that name."""
     return os.path.exists(f"/sys/class/net/{ifname}")
 
 
