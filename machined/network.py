@@ -26,6 +26,7 @@ from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from machined.config import MachineConfig
@@ -49,8 +50,8 @@ def host_ifname(prefix: str, name: str) -> str:
 class MachineNetwork:
     """Made when mctl plans a start: check() refuses bad settings before anything exists. Then, in
     the supervisor: begin(), ask_first_boot() and prepare() before the first boot; once per boot,
-    boot_namespaces() before the spawn, answer() and in_child() (spawn's), after_boot() once its
-    init runs, end_boot() once it is gone.
+    boot_namespaces() and meanwhile() before the spawn, answer() and in_child() (spawn's),
+    after_boot() once its init runs, end_boot() once it is gone.
 
     A machine in a pod joins the pod's namespaces; the pod's network is made, from the settings of
     the machine that starts the pod, by that machine's prepare(), and owned by the pod."""
@@ -70,6 +71,7 @@ class MachineNetwork:
         self.netns = -1
         self.asked = False  # links asked for the next boot, the answer not taken yet
         self.renewing = False  # the bridge's NAT table to be renewed once the machine runs
+        self.claimed = False  # the lease and ports taken (claim)
         self.pod_fds: list[tuple[int, int]] = []
         self.record: dict[str, Any] = {"mode": str(self.mode)}
         # Who owns the links and the lease: the machine, or its pod.
@@ -140,8 +142,23 @@ class MachineNetwork:
             self._ask_for_boot()
 
     def prepare(self) -> None:
+        """Before the first boot's spawn: the machine's resolv.conf and hosts file, which its child
+        binds (claim() fills the hosts file in place before the exec). A machine in a pod claims
+        here: the pod's namespaces, made or joined by claim(), are what its spawn joins."""
+        write_resolv_conf(resolv_path(self.name))
+        if self.pod:
+            self.claim()
+        else:
+            os.close(os.open(hosts_path(self.name), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+
+    def meanwhile(self) -> list[Callable[[], None]]:
+        """spawn's steps meanwhile: the first boot's claim(), while its child builds its root."""
+        return [self.claim] if not self.claimed else []
+
+    def claim(self) -> None:
         """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
-        recorded in the machine's state."""
+        recorded in the machine's state. Then the veth's addresses asked for, and the hosts files."""
+        self.claimed = True
         data = self.data
         with ipam.Store() as store:
             ref = data["supervisor"]
@@ -164,7 +181,6 @@ class MachineNetwork:
             if self.asked:
                 self._ask_addresses()
             update_hosts(self.host.hosts_file)
-        write_resolv_conf(resolv_path(self.name))
 
     def _lease(self, store: ipam.Store, ref: object) -> None:
         br = self.bridge
@@ -480,11 +496,14 @@ def _with_block(text: str, entries: list[str]) -> str:
 
 
 def _rewrite_in_place(path: str, content: str, follow: bool = False) -> None:
-    """In place, never by rename: the file may be bind-mounted (into guests, or /etc/hosts itself).
-    follow: the host's file may be a symlink the administrator made; ours never are."""
+    """In place, never by rename: the file may be bind-mounted (into guests, or /etc/hosts itself);
+    and not at all where it holds content already. follow: the host's file may be a symlink the
+    administrator made; ours never are."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0o644)
     try:
         data = content.encode()
+        if os.pread(fd, len(data) + 1, 0) == data:
+            return
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
     finally:

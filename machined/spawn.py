@@ -5,9 +5,10 @@ The parent unshares only its pid namespace for children, forks, and goes straigh
 unshares mount, UTS, IPC and network namespaces (or joins those it is given: a pod's, or a network
 namespace whose links a helper is making meanwhile) and builds its root while the parent makes the
 machine's cgroup if it is not there yet and moves the child into it. Then the child unshares its
-cgroup namespace, mounts /sys and changes root, and execs once the parent has taken the answers it
-waits for (the helper's). A pipe reports either an error message or, by closing on exec, success:
-the parent returns once the guest's init really runs.
+cgroup namespace, mounts /sys and changes root, and execs once the parent has done its steps
+meanwhile (a first boot's address lease) and taken the answers it waits for (the helper's). A pipe
+reports either an error message or, by closing on exec, success: the parent returns once the
+guest's init really runs.
 
 The cgroup comes after the fork because the first cgroup move of a start waits for an RCU grace
 period (see prewarm), and every cgroup operation with it: the child's mounts are done meanwhile.
@@ -60,9 +61,13 @@ class Spec:
         self.bind_machine_id = bind_machine_id
         self.overlay = overlay          # an overlayfs root (overlay image, ephemeral run) instead of a bind mount
         self.nesting = nesting          # cgroup controllers writable: the guest may manage containers itself
+        # Steps of the parent's while the child goes on to its root (after the cgroup step, before
+        # the answers): the first boot's address lease and hosts files. The child execs only after them.
+        self.meanwhile: list[Callable[[], None]] = []
         # The answers to requests made before the fork (a helper making the links of a network
-        # namespace in join): taken in the parent after the cgroup step (also when that failed, so
-        # that none is left unread), given the child's host pid; the child execs only after them.
+        # namespace in join): taken in the parent after the cgroup step (also when that or a step
+        # meanwhile failed, so that none is left unread), given the child's host pid; the child
+        # execs only after them.
         self.answers: list[Callable[[int], object]] = []
         # Extra steps in the child, before pivot_root, given the rootfs O_PATH fd.
         self.in_child: list[Callable[[int], None]] = []
@@ -74,7 +79,11 @@ class Spec:
 
     def waits(self) -> bool:
         """Whether the child waits for the parent's word before its cgroup namespace (see _go)."""
-        return bool(self.answers) or self.cgroup is not None or self.make_cgroup is not None
+        return self.holds_exec() or self.cgroup is not None or self.make_cgroup is not None
+
+    def holds_exec(self) -> bool:
+        """Whether the child waits for the parent's word before its exec (see _go)."""
+        return bool(self.answers or self.meanwhile)
 
 
 def machine_env(spec: Spec) -> dict[str, str]:
@@ -150,8 +159,8 @@ def spawn(spec: Spec) -> Child:
 
 def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
     """The parent's part before the child's exec (closes go_w): the cgroup is made and the child
-    moved in, b"C" lets the child go on to its cgroup namespace and pivot_root, the answers are
-    taken, b"G" lets it exec."""
+    moved in, b"C" lets the child go on to its cgroup namespace and pivot_root, the steps meanwhile
+    are done and the answers taken, b"G" lets it exec."""
     answers = list(spec.answers)  # still to take
     try:
         if spec.make_cgroup is not None:
@@ -160,6 +169,8 @@ def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
             spec.cgroup.join_payload(pid)
         if spec.waits():
             _tell(go_w, b"C")
+        for step in spec.meanwhile:
+            step()
         while answers:
             answers.pop(0)(pid)
     except BaseException:
@@ -170,7 +181,7 @@ def _go(spec: Spec, pid: int, status_r: int, go_w: int) -> None:
             raise MachinedError(said[1:].decode(errors="replace")) from None
         raise
     try:
-        if spec.answers:
+        if spec.holds_exec():
             _tell(go_w, b"G")
     finally:
         os.close(go_w)
@@ -265,7 +276,7 @@ def _child_main(spec: Spec, layout: str, status_w: int, go_r: int) -> None:
         mounts.enter_root(spec.rootfs)
         step = "drop capabilities"
         security.drop_capabilities(("NET_ADMIN",))
-        if spec.answers and os.read(go_r, 1) != b"G":
+        if spec.holds_exec() and os.read(go_r, 1) != b"G":
             os._exit(1)  # what the parent waited for failed: it reports that
         os.close(go_r)
         step = "set up the terminal"

@@ -334,6 +334,7 @@ class Supervisor:
         if self.net is not None:  # last: once it asked for links, spawn takes the answer whatever happens
             spec.in_child.append(self.net.in_child)
             spec.join = self.net.boot_namespaces()
+            spec.meanwhile += self.net.meanwhile()
             spec.answers.append(self.net.answer)
         return spec
 

@@ -471,6 +471,42 @@ def test_address_outside_the_subnet(env: Env) -> None:
     env.ok("terminate", name)
 
 
+def test_a_full_subnet_fails_the_start_once_forked_and_leaves_nothing(env: Env) -> None:
+    """The lease is taken while the first boot's child builds its root (after the settings check): a
+    start whose lease fails there has forked its machine and asked for its links, and still leaves
+    nothing behind, nor changes what the running machines have."""
+    bridge = env.ifname("f")
+    subnet = free_subnet(exclude=(SESSION_SUBNET,)).replace(".0/24", ".0/29")  # 5 addresses for machines
+    extra = f'\n[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = false\n'
+    (env.config / "machined.conf").write_text(host_config(hosts_file=str(env.hosts_file), extra=extra))
+    names = [env.name() for _ in range(6)]
+    for n in names:
+        env.ok("create", n, "--template", "busybox", "--network", f"bridge:{bridge}")
+    for n in names[:5]:
+        env.ok("start", n)
+    # What the failed start may leave: its console log, which says why, and the replays of the
+    # requests its helper built (a cache, which its next start would write as well).
+    kept = (str(env.runtime / "logs" / f"{names[5]}.log"), str(env.runtime / "network" / "replays"))
+
+    def files() -> dict[str, object]:
+        return {k: v for k, v in env.tree(*names[:5]).items() if not k.startswith(kept)}
+
+    def contents() -> list[str]:
+        return [(env.runtime / "machines" / n / "hosts").read_text() for n in names[:5]] + \
+            [(env.runtime / "network" / "leases.json").read_text(), env.hosts_file.read_text()]
+
+    # (once the new links' IPv6 link-local addresses are no longer tentative: that changes by itself)
+    assert wait(lambda: "tentative" not in str(host_network()))
+    before = files(), contents(), host_network()
+    assert_clean_error(env.mctl("start", names[5]), "No free address", subnet)
+    assert (files(), contents()) == before[:2]
+    assert host_network() == before[2], difference(before[2], host_network())
+    assert sorted(env.running()) == sorted(names[:5])
+    for n in names[:5]:
+        env.ok("terminate", n)
+    assert bridge not in links()
+
+
 def test_taken_port(env: Env) -> None:
     a, b = env.name("a"), env.name("b")
     port = free_port()
