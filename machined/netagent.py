@@ -8,7 +8,8 @@ classes (machined.netlink, about 30 ms) meanwhile, which would all be on a start
 mctl or the supervisor. The supervisor then asks it for each netlink step (OPS: functions of
 machined.netops), handing over the machine's network namespace as an fd: one JSON message per
 request and per reply on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each
-other before their answers are read; the helper answers them in order.
+other before their answers are read; the helper answers them in order. A new interpreter's first
+answer comes unasked: a network namespace it made for the first boot (Agent.netns).
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor), runs in a
 session of its own and ignores terminal and stop signals: it ends when its socket does, when the
@@ -81,7 +82,7 @@ class Agent:
                 if pid == 0:
                     try:
                         os.close(ours)
-                        _serve(theirs, preload=True)
+                        _serve(theirs, machine, preload=True)
                     finally:
                         os._exit(0)
         except BaseException:
@@ -97,7 +98,11 @@ class Agent:
         self.machine = machine
         self.op = ""
         self.used = False
-        self.unread = 0  # requests sent whose answers are not read yet
+        # A new interpreter's first answer, unasked: a network namespace for the machine's first
+        # boot, which it makes before its other imports, while mctl goes on; so that it is not on
+        # the supervisor's way (~1 ms). (A forked helper makes none: it imports pyroute2 first.)
+        self.netns_due = replayed
+        self.unread = int(replayed)  # answers due, not read yet (one for each request sent)
         if not _agents:
             import atexit
 
@@ -130,11 +135,36 @@ class Agent:
         except OSError as e:
             self._gone(e)
 
+    def netns(self) -> int:
+        """A new network namespace (an fd): the one the helper made as it started where it is there
+        already, else one made here (~1 ms; the helper's is dropped as the next answer is read)."""
+        import select
+
+        if self.netns_due and self.fd >= 0 and select.select([self.fd], [], [], 0)[0]:
+            return self._take_netns()
+        from machined import linux
+
+        return linux.new_net_namespace()
+
+    def _take_netns(self) -> int:
+        self.netns_due = False
+        self.op = "create network namespace"
+        fd = self._answer()
+        assert isinstance(fd, int)
+        return fd
+
     def receive(self) -> Any:
         """The answers to the requests sent: the result of the last; the first MachinedError among
         them is raised here as it was raised there (once all are read)."""
         error: BaseException | None = None
         result = None
+        if self.netns_due:  # not taken: made here instead, or a pod's
+            try:
+                os.close(self._take_netns())
+            except HelperGone:
+                raise
+            except (MachinedError, HelperError):
+                pass  # (its failure did not matter)
         while self.unread:
             try:
                 result = self._answer()
@@ -154,15 +184,21 @@ class Agent:
             pass
 
     def _answer(self) -> Any:
+        """The next answer's result (or the fd passed with it: a network namespace), or its error raised."""
+        import _socket
+
         from machined import jsonc
 
         self.unread -= 1
         try:
-            data = self._socket().recv(65536)
+            data, ancillary, _, _ = self._socket().recvmsg(65536, _socket.CMSG_SPACE(4))
         except OSError as e:
             self._gone(e)
         if not data:
             self._gone(None)
+        for level, kind, fd_data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(fd_data) >= 4:
+                return int.from_bytes(fd_data[:4], sys.byteorder)
         reply: dict[str, Any] = jsonc.loads(data)
         if "error" in reply:
             raise MachinedError(reply["error"], reply.get("hint"))
@@ -307,14 +343,15 @@ _MAIN = "import sys; sys.path[:] = sys.argv[3:]; from machined import netagent; 
 def main() -> None:
     """The helper's interpreter (Agent): its socket's fd is its argument."""
     try:
-        _serve(int(sys.argv[1]), preload=False)
+        _serve(int(sys.argv[1]), sys.argv[2], preload=False)
     finally:
         os._exit(0)
 
 
-def _serve(old: int, preload: bool) -> None:
-    """The helper's life: shed mctl's descriptors, import netlink if preload (the machine's start
-    has no replays: netops), answer until the socket ends."""
+def _serve(old: int, machine: str, preload: bool) -> None:
+    """The helper's life: shed mctl's descriptors; import netlink if preload (the machine's start
+    has no replays: netops), or else hand over a network namespace and read machine's replays;
+    answer until the socket ends."""
     import fcntl
     import gc
 
@@ -340,17 +377,21 @@ def _serve(old: int, preload: bool) -> None:
         comm.write(COMM)
     import _socket  # (not socket: its enums take a few ms more to import)
 
+    conn = _socket.socket(fileno=fd)
+    if not preload:
+        _hand_over_netns(conn)
     from machined import jsonc, linux, netops  # noqa: F401 - linux: for the replays' setns, now
 
-    if preload:
-        try:
+    try:
+        if preload:
             from machined import netlink  # noqa: F401 - now, while mctl gets the machine ready
-        except Exception:  # noqa: BLE001 - the step that needs it says why
-            pass
+        else:
+            netops.preload(machine)
+    except Exception:  # noqa: BLE001 - the step that needs it says why
+        pass
     gc.freeze()
     gc.enable()
 
-    conn = _socket.socket(fileno=fd)
     while True:
         try:
             data, ancillary, _, _ = conn.recvmsg(65536, _socket.CMSG_SPACE(4))
@@ -382,3 +423,21 @@ def _serve(old: int, preload: bool) -> None:
             conn.send(jsonc.dumps(reply).encode())
         except OSError:
             break
+
+
+def _hand_over_netns(conn: _socket.socket) -> None:
+    """A new interpreter's first answer (Agent.netns): a new network namespace, passed with it."""
+    import _socket
+
+    from machined import jsonc, linux
+
+    try:
+        netns = linux.new_net_namespace()
+    except OSError as e:
+        reply = {"error": f"Failed to create a network namespace: {e.strerror}"}
+        conn.send(jsonc.dumps(reply).encode())
+        return
+    try:
+        conn.sendmsg([b"{}"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns.to_bytes(4, sys.byteorder))])
+    finally:
+        os.close(netns)

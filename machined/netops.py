@@ -173,23 +173,36 @@ def _key(op: str, args: dict[str, Any]) -> str:
 
 def load(machine: str, op: str, args: dict[str, Any]) -> list[Step] | None:
     """The saved replay of op with args for machine, None if there is none for these args."""
+    preloaded = _preloaded.pop((machine, op), None)
+    key, steps = preloaded if preloaded is not None else _read(machine, op)
+    return steps if key == _key(op, args) else None
+
+
+def preload(machine: str) -> None:
+    """In the helper, while it waits for its first request: machine's replays read now (each is
+    taken once, by the first load of it: any later one reads what was saved since)."""
+    for op in REPLAYED:
+        _preloaded[(machine, op)] = _read(machine, op)
+
+
+_preloaded: dict[tuple[str, str], tuple[str, list[Step] | None]] = {}
+
+
+def _read(machine: str, op: str) -> tuple[str, list[Step] | None]:
+    """A saved replay's key and steps; ("", None) where there is none that could be sent."""
     try:
         saved = jsonc.load(_path(machine, op))
-    except (FileNotFoundError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("key") != _key(op, args):
-        return None
-    try:
+        key = str(saved["key"])
         steps = [(str(ns), str(what), bytes.fromhex(data), [(int(o), str(f)) for o, f in fields])
                  for ns, what, data, fields in saved["steps"]]
-    except (KeyError, TypeError, ValueError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", None
     # (nothing is sent that would not fit: each field where a 32-bit value goes, of a known name)
     if all(ns in ("host", "machine") and len(data) >= HEADER.size and
            all(o % 4 == 0 and HEADER.size <= o <= len(data) - 4 and f in FIELDS for o, f in fields)
            for ns, _, data, fields in steps):
-        return steps
-    return None
+        return key, steps
+    return "", None
 
 
 def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None:

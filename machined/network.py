@@ -157,7 +157,8 @@ class MachineNetwork:
 
     def claim(self) -> None:
         """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
-        recorded in the machine's state. Then the veth's addresses asked for, and the hosts files."""
+        recorded in the machine's state; the hosts files. The veth's addresses are asked for as soon
+        as they are leased: the helper's answer is what the first boot's exec waits for."""
         self.claimed = True
         data = self.data
         with ipam.Store() as store:
@@ -166,6 +167,8 @@ class MachineNetwork:
                 self._join_pod(store, ref)
             elif self.bridge is not None:
                 self._lease(store, ref)
+                if self.asked:
+                    self._ask_addresses()
             store.claim_ports(self.ports, self.name, ref)
             if self.ports:
                 from machined import nat  # (libnftables: only for machines with forwards)
@@ -178,8 +181,6 @@ class MachineNetwork:
                 state.write(self.name, data)
                 nat.add_forwards(self.name, self.ports, addrs[0], addrs[1] if len(addrs) > 1 else None)
             state.write(self.name, data)
-            if self.asked:
-                self._ask_addresses()
             update_hosts(self.host.hosts_file)
 
     def _lease(self, store: ipam.Store, ref: object) -> None:
@@ -245,7 +246,7 @@ class MachineNetwork:
 
     def _ask_for_boot(self) -> None:
         self.end_boot()
-        self.netns = linux.new_net_namespace()
+        self.netns = self._helper().netns()
         try:
             # The helper takes the network lock where a bridge is to be made or may go meanwhile.
             self._ask_links(held=False)

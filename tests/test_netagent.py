@@ -62,6 +62,60 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
 
 
 @pytest.mark.root
+@pytest.mark.root
+def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper started for a machine with replays makes a network namespace first thing, off the
+    supervisor's way, and keeps none: netns() takes it where it is there already, else makes one
+    itself, and the helper's is closed as the next answer is read. A forked helper (no replays: it
+    imports pyroute2 first) makes none."""
+    import select
+
+    from machined import netagent, netops
+
+    monkeypatch.setenv("MACHINED_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "network" / "replays").mkdir(parents=True)
+    for path in netops.replay_paths("m1"):
+        Path(path).write_text("{}")
+    own = os.readlink("/proc/self/ns/net")
+    before = sorted(os.listdir("/proc/self/fd"))
+
+    def namespaces(pid: object) -> list[str]:
+        fds = Path(f"/proc/{pid}/fd")
+        return [link for f in os.listdir(fds) if (link := os.readlink(fds / f)).startswith("net:")]
+
+    def new_namespace(fd: int) -> bool:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        os.close(fd)
+        return link.startswith("net:[") and link != own
+
+    agent = netagent.Agent("m1", "bridge")
+    try:
+        assert (agent.netns_due, agent.unread) == (True, 1)
+        assert wait(lambda: select.select([agent.fd], [], [], 0)[0])
+        assert new_namespace(agent.netns())
+        assert (agent.netns_due, agent.unread) == (False, 0)
+        assert wait(lambda: namespaces(agent.pid) == [])
+    finally:
+        agent.close()
+    for early in (True, False):  # the helper's not taken: asked for before it came, or not at all
+        agent = netagent.Agent("m1", "bridge")
+        try:
+            if early:
+                assert new_namespace(agent.netns()) and agent.netns_due
+            assert agent.request("teardown_links", link=None, bridge=None) is None
+            assert (agent.netns_due, agent.unread) == (False, 0)
+        finally:
+            agent.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    agent = netagent.Agent("m2", "bridge")
+    try:
+        assert (agent.netns_due, agent.unread) == (False, 0)
+        assert new_namespace(agent.netns())
+    finally:
+        agent.close()
+
+
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
     """The first start's helper is forked (it loads pyroute2 at once); a later one, with the
     machine's replays saved, is a new interpreter (netops): either holds nothing of mctl's."""

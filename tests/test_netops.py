@@ -96,6 +96,20 @@ def test_replays_are_kept_per_machine_and_settings(runtime: Path) -> None:
         netops.load("../x", "attach_veth", ATTACH)
 
 
+def test_a_preloaded_replay_is_taken_once(runtime: Path) -> None:
+    """The helper reads its machine's replays while it waits for its first request (preload): the
+    first load of each takes what was read then, whatever its arguments; a later one reads the file."""
+    steps = netlink.replay("attach_veth", ATTACH)
+    netlink.replay("address_veth", ADDRESS)
+    netops.preload("m1")
+    for path in netops.replay_paths("m1"):
+        os.unlink(path)
+    assert netops.load("m1", "attach_veth", ATTACH) == steps  # as read before
+    assert netops.load("m1", "attach_veth", ATTACH) is None  # as saved now: none
+    assert netops.load("m1", "address_veth", {**ADDRESS, "address": "10.77.5.10"}) is None  # other settings
+    assert netops.load("m1", "address_veth", ADDRESS) is None
+
+
 # --- as root: the replays at work ------------------------------------------------------------------
 
 def _replays(env: Env, name: str) -> list[Path]:
