@@ -804,7 +804,8 @@ def _get_ready(args: argparse.Namespace) -> None:
     if one and names:
         from machined import netagent
 
-        netagent.prefork(names[0], getattr(args, "network", None))  # None: the settings'
+        detached = args.verb == "start" and not args.foreground
+        netagent.prefork(names[0], getattr(args, "network", None), detached)  # None: the settings'
     if one:
         from machined import systemd
 

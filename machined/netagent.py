@@ -8,8 +8,8 @@ classes (machined.netlink, about 30 ms) meanwhile, which would all be on a start
 mctl or the supervisor. The supervisor then asks it for each netlink step (OPS: functions of
 machined.netops), handing over the machine's network namespace as an fd: one JSON message per
 request and per reply on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each
-other before their answers are read; the helper answers them in order. A new interpreter's first
-answer comes unasked: a network namespace it made for the first boot (Agent.netns).
+other before their answers are read; the helper answers them in order. For a detached start, a new
+interpreter's first answer comes unasked: a network namespace it made for the first boot (Agent.netns).
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor), runs in a
 session of its own and ignores terminal and stop signals: it ends when its socket does, when the
@@ -56,8 +56,10 @@ class HelperError(Exception):
 class Agent:
     """The supervisor's end of a helper process (which is started here, for machine)."""
 
-    def __init__(self, machine: str = "", kind: str = "") -> None:
-        """kind: the mode of machine's network (its links are replayed for REPLAYED_MODES)."""
+    def __init__(self, machine: str = "", kind: str = "", netns: bool = False) -> None:
+        """kind: the mode of machine's network (its links are replayed for REPLAYED_MODES). netns:
+        a new interpreter makes the first boot's network namespace (a supervisor that is forked
+        asks for it late enough that it is there: not one that runs in mctl)."""
         # The socket module costs ~6 ms to import (its enums): its C part does here.
         import _socket
 
@@ -70,12 +72,14 @@ class Agent:
         # that needs pyroute2 is forked: its import (~30 ms) starts at once, not after the ~10 ms an
         # interpreter takes to start, and that is what its start waits for.
         replayed = kind in REPLAYED_MODES and netops.replayable(machine)
+        netns = netns and replayed
         try:
             if replayed:
                 os.set_inheritable(theirs, True)
                 # Isolated and without site (~3 ms less to start), on our module path.
                 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (where no path has it)
-                argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, root, *sys.path]
+                argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, "netns" if netns else "",
+                        root, *sys.path]
                 pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
             else:
                 pid = os.fork()
@@ -98,11 +102,12 @@ class Agent:
         self.machine = machine
         self.op = ""
         self.used = False
-        # A new interpreter's first answer, unasked: a network namespace for the machine's first
-        # boot, which it makes before its other imports, while mctl goes on; so that it is not on
-        # the supervisor's way (~1 ms). (A forked helper makes none: it imports pyroute2 first.)
-        self.netns_due = replayed
-        self.unread = int(replayed)  # answers due, not read yet (one for each request sent)
+        # The helper's first answer, unasked where netns: a network namespace for the machine's first
+        # boot, which it makes before its other imports while mctl goes on, so that it is not on the
+        # supervisor's way (~1 ms). (A forked helper makes none: it imports pyroute2 first.)
+        self.netns_due = netns
+        self.unread = int(netns)  # answers due, not read yet (one for each request sent)
+        self.spare = -1  # the helper's namespace, read before it was taken: for the next boot
         if not _agents:
             import atexit
 
@@ -137,21 +142,24 @@ class Agent:
 
     def netns(self) -> int:
         """A new network namespace (an fd): the one the helper made as it started where it is there
-        already, else one made here (~1 ms; the helper's is dropped as the next answer is read)."""
+        already, else one made here (~1 ms; the helper's is kept for the next boot once read)."""
         import select
 
         if self.netns_due and self.fd >= 0 and select.select([self.fd], [], [], 0)[0]:
-            return self._take_netns()
+            self._take_netns()
+        if self.spare >= 0:
+            fd, self.spare = self.spare, -1
+            return fd
         from machined import linux
 
         return linux.new_net_namespace()
 
-    def _take_netns(self) -> int:
+    def _take_netns(self) -> None:
         self.netns_due = False
         self.op = "create network namespace"
         fd = self._answer()
         assert isinstance(fd, int)
-        return fd
+        self.spare = fd
 
     def receive(self) -> Any:
         """The answers to the requests sent: the result of the last; the first MachinedError among
@@ -160,7 +168,7 @@ class Agent:
         result = None
         if self.netns_due:  # not taken: made here instead, or a pod's
             try:
-                os.close(self._take_netns())
+                self._take_netns()
             except HelperGone:
                 raise
             except (MachinedError, HelperError):
@@ -216,6 +224,9 @@ class Agent:
         raise HelperGone(f"Failed to {self.op.replace('_', ' ')} for {self.machine}: its network helper ended{why}")
 
     def _close_socket(self) -> bool:
+        if self.spare >= 0:
+            os.close(self.spare)
+            self.spare = -1
         if self.fd < 0:
             return False
         if self._sock is not None:
@@ -266,12 +277,13 @@ def _close_all() -> None:
             agent.close()
 
 
-def prefork(name: str, mode: str | None) -> None:
-    """Called by mctl first thing when it starts or runs machine name; mode: its --network option."""
+def prefork(name: str, mode: str | None, detached: bool) -> None:
+    """Called by mctl first thing when it starts or runs machine name; mode: its --network option;
+    detached: a start whose supervisor is forked."""
     global _preforked
     kind = (mode if mode is not None else _configured_mode(name)).partition(":")[0]
     if kind in LINK_MODES:
-        _preforked = Agent(name, kind)
+        _preforked = Agent(name, kind, netns=detached)
 
 
 def take(machine: str, kind: str) -> Agent:
@@ -337,21 +349,21 @@ def _configured_mode(name: str) -> str:
 
 # --- the helper -------------------------------------------------------------------------------------
 
-_MAIN = "import sys; sys.path[:] = sys.argv[3:]; from machined import netagent; netagent.main()"
+_MAIN = "import sys; sys.path[:] = sys.argv[4:]; from machined import netagent; netagent.main()"
 
 
 def main() -> None:
-    """The helper's interpreter (Agent): its socket's fd is its argument."""
+    """The helper's interpreter (Agent): its socket's fd, machine, "netns" or "" are its arguments."""
     try:
-        _serve(int(sys.argv[1]), sys.argv[2], preload=False)
+        _serve(int(sys.argv[1]), sys.argv[2], preload=False, netns=sys.argv[3] == "netns")
     finally:
         os._exit(0)
 
 
-def _serve(old: int, machine: str, preload: bool) -> None:
-    """The helper's life: shed mctl's descriptors; import netlink if preload (the machine's start
-    has no replays: netops), or else hand over a network namespace and read machine's replays;
-    answer until the socket ends."""
+def _serve(old: int, machine: str, preload: bool, netns: bool = False) -> None:
+    """The helper's life: shed mctl's descriptors; hand over a network namespace if netns; import
+    netlink if preload (the machine's start has no replays: netops), or else read machine's
+    replays; answer until the socket ends."""
     import fcntl
     import gc
 
@@ -378,7 +390,7 @@ def _serve(old: int, machine: str, preload: bool) -> None:
     import _socket  # (not socket: its enums take a few ms more to import)
 
     conn = _socket.socket(fileno=fd)
-    if not preload:
+    if netns:
         _hand_over_netns(conn)
     from machined import jsonc, linux, netops  # noqa: F401 - linux: for the replays' setns, now
 

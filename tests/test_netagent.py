@@ -65,10 +65,10 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
 @pytest.mark.root
 def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A helper started for a machine with replays makes a network namespace first thing, off the
-    supervisor's way, and keeps none: netns() takes it where it is there already, else makes one
-    itself, and the helper's is closed as the next answer is read. A forked helper (no replays: it
-    imports pyroute2 first) makes none."""
+    """For a detached start of a machine with replays, the helper makes a network namespace first
+    thing, off the supervisor's way, and keeps none: netns() takes it where it is there already,
+    else makes one itself, and the helper's, once read, is the next boot's. None is made for a
+    start in mctl's process (run), nor by a forked helper (no replays: it imports pyroute2 first)."""
     import select
 
     from machined import netagent, netops
@@ -84,36 +84,41 @@ def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: 
         fds = Path(f"/proc/{pid}/fd")
         return [link for f in os.listdir(fds) if (link := os.readlink(fds / f)).startswith("net:")]
 
-    def new_namespace(fd: int) -> bool:
+    def new_namespace(fd: int) -> str:
         link = os.readlink(f"/proc/self/fd/{fd}")
         os.close(fd)
-        return link.startswith("net:[") and link != own
+        assert link.startswith("net:[") and link != own
+        return link
 
-    agent = netagent.Agent("m1", "bridge")
+    agent = netagent.Agent("m1", "bridge", netns=True)
     try:
         assert (agent.netns_due, agent.unread) == (True, 1)
         assert wait(lambda: select.select([agent.fd], [], [], 0)[0])
-        assert new_namespace(agent.netns())
-        assert (agent.netns_due, agent.unread) == (False, 0)
+        new_namespace(agent.netns())
+        assert (agent.netns_due, agent.unread, agent.spare) == (False, 0, -1)
         assert wait(lambda: namespaces(agent.pid) == [])
     finally:
         agent.close()
-    for early in (True, False):  # the helper's not taken: asked for before it came, or not at all
-        agent = netagent.Agent("m1", "bridge")
+    for early in (True, False):  # asked for before the helper's came, or not at all (a pod's)
+        agent = netagent.Agent("m1", "bridge", netns=True)
         try:
             if early:
-                assert new_namespace(agent.netns()) and agent.netns_due
-            assert agent.request("teardown_links", link=None, bridge=None) is None
-            assert (agent.netns_due, agent.unread) == (False, 0)
+                new_namespace(agent.netns())
+            assert agent.netns_due
+            assert agent.request("teardown_links", link=None, bridge=None) is None  # (read first)
+            assert (agent.netns_due, agent.unread) == (False, 0) and agent.spare >= 0
+            if early:
+                new_namespace(agent.netns())  # the reboot's
+                assert agent.spare == -1
         finally:
             agent.close()
-    assert sorted(os.listdir("/proc/self/fd")) == before
-    agent = netagent.Agent("m2", "bridge")
-    try:
-        assert (agent.netns_due, agent.unread) == (False, 0)
-        assert new_namespace(agent.netns())
-    finally:
-        agent.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before  # (a spare one closed with the agent)
+    for agent in (netagent.Agent("m1", "bridge"), netagent.Agent("m2", "bridge", netns=True)):
+        try:
+            assert (agent.netns_due, agent.unread) == (False, 0)
+            new_namespace(agent.netns())
+        finally:
+            agent.close()
 
 
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
