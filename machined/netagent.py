@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 TIMEOUT = 60.0  # for one step; a helper that takes longer is stuck
 LINK_MODES = ("veth", "bridge", "interface", "macvlan")
 REPLAYED_MODES = ("veth", "bridge")  # (netops: replays make their links)
+REPLAYED = ("attach_veth", "address_veth")  # the ops netops replays
 OPS = ("attach_veth", "address_veth", "renew_bridge", "move_in", "add_macvlan", "move_out", "teardown_links")
 COMM = "machined-net"
 
@@ -63,15 +64,13 @@ class Agent:
         # The socket module costs ~6 ms to import (its enums): its C part does here.
         import _socket
 
-        from machined import netops
-
         ours, theirs = (s.detach() for s in _socket.socketpair(_socket.AF_UNIX,
                                                                _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC))
         # A machine whose replays are saved gets a new interpreter: a fork's pages would be shared
         # with mctl, which then copies each one it writes to as it goes on (3-4 ms of a start). One
         # that needs pyroute2 is forked: its import (~30 ms) starts at once, not after the ~10 ms an
         # interpreter takes to start, and that is what its start waits for.
-        replayed = kind in REPLAYED_MODES and netops.replayable(machine)
+        replayed = kind in REPLAYED_MODES and replayable(machine)
         netns = netns and replayed
         try:
             if replayed:
@@ -301,6 +300,17 @@ def discard() -> None:
     if _preforked is not None:
         _preforked.close()
         _preforked = None
+
+
+def replayable(machine: str) -> bool:
+    """Whether machine's last start saved its replays (its helper need not import netlink now)."""
+    return all(os.path.exists(path) for path in replay_paths(machine))
+
+
+def replay_paths(machine: str) -> list[str]:
+    from machined import paths
+
+    return [paths.replay_path(machine, op) for op in REPLAYED]
 
 
 def wait_gone(ref: object, timeout: float = 10.0) -> None:

@@ -25,7 +25,7 @@ import os
 import struct
 
 import machined
-from machined import jsonc, paths
+from machined import jsonc, netagent, paths
 from machined.log import MachinedError
 
 TYPE_CHECKING = False
@@ -158,10 +158,6 @@ def link_exists(ifname: str) -> bool:
 Step = tuple[str, str, bytes, list[tuple[int, str]]]  # namespace ("host", "machine"), what, request, fields
 
 
-def _path(machine: str, op: str) -> str:
-    return os.path.join(paths.runtime_dir(), "network", "replays", f"{paths.check_name(machine)}.{op}.json")
-
-
 def _key(op: str, args: dict[str, Any]) -> str:
     # Also the code that builds the requests (netlink.py as installed: another machined builds others)
     # and the kernel's release (a replay is only ever sent to the kernel that acknowledged it).
@@ -181,7 +177,7 @@ def load(machine: str, op: str, args: dict[str, Any]) -> list[Step] | None:
 def preload(machine: str) -> None:
     """In the helper, while it waits for its first request: machine's replays read now (each is
     taken once, by the first load of it: any later one reads what was saved since)."""
-    for op in REPLAYED:
+    for op in netagent.REPLAYED:
         _preloaded[(machine, op)] = _read(machine, op)
 
 
@@ -191,7 +187,7 @@ _preloaded: dict[tuple[str, str], tuple[str, list[Step] | None]] = {}
 def _read(machine: str, op: str) -> tuple[str, list[Step] | None]:
     """A saved replay's key and steps; ("", None) where there is none that could be sent."""
     try:
-        saved = jsonc.load(_path(machine, op))
+        saved = jsonc.load(paths.replay_path(machine, op))
         key = str(saved["key"])
         steps = [(str(ns), str(what), bytes.fromhex(data), [(int(o), str(f)) for o, f in fields])
                  for ns, what, data, fields in saved["steps"]]
@@ -207,25 +203,13 @@ def _read(machine: str, op: str) -> tuple[str, list[Step] | None]:
 
 def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None:
     """Best effort: a replay that cannot be saved is built again next time."""
-    path = _path(machine, op)
+    path = paths.replay_path(machine, op)
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         jsonc.save(path, {"key": _key(op, args),
                           "steps": [[ns, what, data.hex(), fields] for ns, what, data, fields in steps]})
     except OSError:
         pass
-
-
-REPLAYED = ("attach_veth", "address_veth")
-
-
-def replayable(machine: str) -> bool:
-    """Whether machine's last start saved its replays (its helper need not import netlink now)."""
-    return all(os.path.exists(_path(machine, op)) for op in REPLAYED)
-
-
-def replay_paths(machine: str) -> list[str]:
-    return [_path(machine, op) for op in REPLAYED]
 
 
 def locate(data: bytes, markers: dict[str, int]) -> list[tuple[int, str]]:

@@ -69,6 +69,11 @@ def machine_runtime_dir(name: str) -> str:
     return os.path.join(runtime_dir(), "machines", check_name(name))
 
 
+def replay_path(machine: str, op: str) -> str:
+    """Where machine's network helper keeps its replay of op (machined.netops)."""
+    return os.path.join(runtime_dir(), "network", "replays", f"{check_name(machine)}.{op}.json")
+
+
 def lock_path(name: str) -> str:
     return os.path.join(runtime_dir(), "locks", check_name(name))
 

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from machined import config, images, mounts, netops, paths, state
+from machined import config, images, mounts, netagent, paths, state
 from machined.log import MachinedError, die
 
 
@@ -147,7 +147,7 @@ def remove(name: str) -> None:
         for extra in (images.private_dir("work", name), images.private_dir("snapshots", name)):
             if os.path.lexists(extra):
                 images.remove_tree(extra)
-        for p in (cfg_path, paths.log_path(name), paths.log_path(name) + ".1", *netops.replay_paths(name)):
+        for p in (cfg_path, paths.log_path(name), paths.log_path(name) + ".1", *netagent.replay_paths(name)):
             try:
                 os.unlink(p)
             except FileNotFoundError:

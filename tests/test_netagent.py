@@ -71,11 +71,11 @@ def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: 
     start in mctl's process (run), nor by a forked helper (no replays: it imports pyroute2 first)."""
     import select
 
-    from machined import netagent, netops
+    from machined import netagent
 
     monkeypatch.setenv("MACHINED_RUNTIME_DIR", str(tmp_path))
     (tmp_path / "network" / "replays").mkdir(parents=True)
-    for path in netops.replay_paths("m1"):
+    for path in netagent.replay_paths("m1"):
         Path(path).write_text("{}")
     own = os.readlink("/proc/self/ns/net")
     before = sorted(os.listdir("/proc/self/fd"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from machined import netlink, netops
+from machined import netagent, netlink, netops
 from tests.conftest import SESSION_SUBNET, Env, processes
 from tests.test_network import address, dummy, links, sh, state
 
@@ -65,12 +65,12 @@ def test_a_value_that_equals_a_marker_is_no_field(runtime: Path) -> None:
 
 def test_replays_are_kept_per_machine_and_settings(runtime: Path) -> None:
     steps = netlink.replay("attach_veth", ATTACH)
-    assert netops.replayable("m1") is False  # (attach alone: the addresses' replay is missing)
+    assert netagent.replayable("m1") is False  # (attach alone: the addresses' replay is missing)
     netlink.replay("address_veth", ADDRESS)
-    assert netops.replayable("m1") and not netops.replayable("m2")
+    assert netagent.replayable("m1") and not netagent.replayable("m2")
     assert netops.load("m1", "attach_veth", {**ATTACH, "seed": "other"}) is None  # other settings
     assert netops.load("m2", "attach_veth", {**ATTACH, "machine": "m2"}) is None
-    path = Path(netops.replay_paths("m1")[0])
+    path = Path(netagent.replay_paths("m1")[0])
     assert path.parent == runtime / "network" / "replays" and path.name == "m1.attach_veth.json"
     saved = json.loads(path.read_text())
     for damage in ("", "{", '{"key": 1}', "[]"):
@@ -102,7 +102,7 @@ def test_a_preloaded_replay_is_taken_once(runtime: Path) -> None:
     steps = netlink.replay("attach_veth", ATTACH)
     netlink.replay("address_veth", ADDRESS)
     netops.preload("m1")
-    for path in netops.replay_paths("m1"):
+    for path in netagent.replay_paths("m1"):
         os.unlink(path)
     assert netops.load("m1", "attach_veth", ATTACH) == steps  # as read before
     assert netops.load("m1", "attach_veth", ATTACH) is None  # as saved now: none
@@ -113,7 +113,7 @@ def test_a_preloaded_replay_is_taken_once(runtime: Path) -> None:
 # --- as root: the replays at work ------------------------------------------------------------------
 
 def _replays(env: Env, name: str) -> list[Path]:
-    return [env.runtime / "network" / "replays" / f"{name}.{op}.json" for op in netops.REPLAYED]
+    return [env.runtime / "network" / "replays" / f"{name}.{op}.json" for op in netagent.REPLAYED]
 
 
 def _inside(env: Env, name: str) -> str:
