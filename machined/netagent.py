@@ -154,9 +154,15 @@ class Agent:
         return linux.new_net_namespace()
 
     def _take_netns(self) -> None:
+        """Read the helper's namespace (the spare); where it failed to make one, one is made here."""
         self.netns_due = False
         self.op = "create network namespace"
-        fd = self._answer()
+        try:
+            fd = self._answer()
+        except HelperGone:
+            raise
+        except (MachinedError, HelperError):
+            return
         assert isinstance(fd, int)
         self.spare = fd
 
@@ -165,13 +171,8 @@ class Agent:
         them is raised here as it was raised there (once all are read)."""
         error: BaseException | None = None
         result = None
-        if self.netns_due:  # not taken: made here instead, or a pod's
-            try:
-                self._take_netns()
-            except HelperGone:
-                raise
-            except (MachinedError, HelperError):
-                pass  # (its failure did not matter)
+        if self.netns_due:  # (read first: the answers come in order)
+            self._take_netns()
         while self.unread:
             try:
                 result = self._answer()
