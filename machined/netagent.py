@@ -199,7 +199,8 @@ class Agent:
 
         self.unread -= 1
         try:
-            data, ancillary, _, _ = self._socket().recvmsg(65536, _socket.CMSG_SPACE(4))
+            # (close-on-exec: a machine's child, say, is not to inherit a namespace passed here)
+            data, ancillary, _, _ = self._socket().recvmsg(65536, _socket.CMSG_SPACE(4), _socket.MSG_CMSG_CLOEXEC)
         except OSError as e:
             self._gone(e)
         if not data:

@@ -69,6 +69,7 @@ def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: 
     thing, off the supervisor's way, and keeps none: netns() takes it where it is there already,
     else makes one itself, and the helper's, once read, is the next boot's. None is made for a
     start in mctl's process (run), nor by a forked helper (no replays: it imports pyroute2 first)."""
+    import fcntl
     import select
 
     from machined import netagent
@@ -85,7 +86,9 @@ def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: 
         return [link for f in os.listdir(fds) if (link := os.readlink(fds / f)).startswith("net:")]
 
     def new_namespace(fd: int) -> str:
+        """(closing fd: a new namespace, that no child of ours would inherit)"""
         link = os.readlink(f"/proc/self/fd/{fd}")
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         os.close(fd)
         assert link.startswith("net:[") and link != own
         return link
