@@ -126,16 +126,13 @@ class Agent:
     def send(self, op: str, netns: int = -1, **args: Any) -> None:
         """Ask the helper to do op (a function of machined.netops), with the network namespace netns.
         Requests may follow each other before their answers are taken (receive)."""
-        import _socket
-
         from machined import jsonc
 
         self.used = True
         self.op = op
         self.unread += 1
-        fds = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns.to_bytes(4, sys.byteorder))] if netns >= 0 else []
         try:
-            self._socket().sendmsg([jsonc.dumps({"op": op, **args}).encode()], fds)
+            self._socket().sendmsg([jsonc.dumps({"op": op, **args}).encode()], _rights(netns) if netns >= 0 else [])
         except OSError as e:
             self._gone(e)
 
@@ -205,9 +202,9 @@ class Agent:
             self._gone(e)
         if not data:
             self._gone(None)
-        for level, kind, fd_data in ancillary:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(fd_data) >= 4:
-                return int.from_bytes(fd_data[:4], sys.byteorder)
+        passed = _passed(ancillary)
+        if passed:
+            return passed[0]
         reply: dict[str, Any] = jsonc.loads(data)
         if "error" in reply:
             raise MachinedError(reply["error"], reply.get("hint"))
@@ -421,8 +418,7 @@ def _serve(old: int, machine: str, preload: bool, netns: bool = False) -> None:
             data, ancillary, _, _ = conn.recvmsg(65536, _socket.CMSG_SPACE(4))
         except OSError:
             break
-        fds = [int.from_bytes(fd_data[:4], sys.byteorder) for level, kind, fd_data in ancillary
-               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(fd_data) >= 4]
+        fds = _passed(ancillary)
         if not data:
             for passed in fds:
                 os.close(passed)
@@ -451,8 +447,6 @@ def _serve(old: int, machine: str, preload: bool, netns: bool = False) -> None:
 
 def _hand_over_netns(conn: _socket.socket) -> None:
     """A new interpreter's first answer (Agent.netns): a new network namespace, passed with it."""
-    import _socket
-
     from machined import jsonc, linux
 
     try:
@@ -462,6 +456,21 @@ def _hand_over_netns(conn: _socket.socket) -> None:
         conn.send(jsonc.dumps(reply).encode())
         return
     try:
-        conn.sendmsg([b"{}"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns.to_bytes(4, sys.byteorder))])
+        conn.sendmsg([b"{}"], _rights(netns))
     finally:
         os.close(netns)
+
+
+def _rights(fd: int) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that passes fd along with a message (SCM_RIGHTS)."""
+    import _socket
+
+    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
+
+
+def _passed(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fd passed with a message (of one: what its receiver made room for), as _rights() sent it."""
+    import _socket
+
+    return [int.from_bytes(data[:4], sys.byteorder) for level, kind, data in ancillary
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(data) >= 4]
