@@ -25,6 +25,15 @@ FINAL_WORDS: dict[str, tuple[bytes, ...]] = {
 }
 
 
+# Inits with one thread and no memory shared with another process: asleep on a futex, such an
+# init waits for good, as nothing else could ever wake it. BusyBox init can end up there: the child
+# it vfork()s to run a command logs through syslog() first, whose lock lives in the memory the two
+# share until the exec. Killed in there, the child leaves the lock taken and init's next message
+# hangs. Stopping a systemd scope does that now and then: it signals every process it finds, again
+# and again until none is new, while init, told to shut down, starts its shutdown script.
+SOLITARY = frozenset({"busybox"})
+
+
 def detect(rootfs: str, init: str) -> str:
     """Classify init by the file its symlinks lead to, inside rootfs."""
     root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -68,3 +77,15 @@ def listens(pid: int, sig: int) -> bool:
             return b"sigtimedwait" in f.read()
     except (OSError, KeyError, ValueError):
         return True  # gone, or unreadable: sending is what reports it
+
+
+def deadlocked(pid: int) -> bool:
+    """Whether pid, one of the SOLITARY inits, is asleep on a futex, and so for good."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            threads = next(line for line in f.read().splitlines() if line.startswith(b"Threads:"))
+        with open(f"/proc/{pid}/wchan", "rb") as f:
+            wchan = f.read()
+    except (OSError, StopIteration):
+        return False
+    return threads.split()[1:] == [b"1"] and wchan.startswith(b"futex")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from machined.network import MachineNetwork
 
 LOG_MAX = 1 << 20
+DEADLOCK_GRACE = 0.1  # seconds init must stay deadlocked (inits.deadlocked) before it is killed
 
 
 class Poller:
@@ -159,6 +160,7 @@ class Supervisor:
         self.stopping = False
         self.kill_deadline: float | None = None
         self.asking: int | None = None  # a signal for init that it does not take yet
+        self.deadlocked_since: float | None = None  # when init was first seen deadlocked (inits)
         self.boots = 0
         self.data: dict[str, object] = {"name": plan.name}
         self.saved_tty: list[Any] | None = None
@@ -438,9 +440,26 @@ class Supervisor:
         (inits.listens), and the machine would wait for the kill timeout instead."""
         self.asking = None
         if self.child is not None and not inits.listens(self.child.pid, sig):
-            self.asking = sig  # tried again from _loop
+            if not self._kill_if_deadlocked():
+                self.asking = sig  # tried again from _loop
             return
         self._signal_leader(sig)
+
+    def _kill_if_deadlocked(self) -> bool:
+        """An init that cannot take our signal because it is stuck for good is killed now, not at
+        the kill timeout."""
+        assert self.child is not None
+        if self.plan.init_kind not in inits.SOLITARY or not inits.deadlocked(self.child.pid):
+            self.deadlocked_since = None
+            return False
+        now = time.monotonic()
+        if self.deadlocked_since is None:
+            self.deadlocked_since = now
+        if now - self.deadlocked_since < DEADLOCK_GRACE:
+            return False
+        self._log(b"\r\n[machined: init is deadlocked (asleep on a lock none will release), killing the machine]\r\n")
+        self._signal_leader(signals.SIGKILL)
+        return True
 
     def _signal_leader(self, sig: int) -> None:
         if self.child is not None and self.child.pidfd >= 0:

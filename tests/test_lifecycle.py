@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import MCTL, Env
+from tests.conftest import MCTL, Env, copy_tree
+from tests.test_teardown import _wait as wait_for
 
 pytestmark = pytest.mark.root
 
@@ -222,6 +224,46 @@ def test_requests_wait_for_an_init_still_setting_up(env: Env) -> None:
     elapsed = time.monotonic() - start
     assert elapsed < 8, elapsed  # three inits' set-up seconds, not a kill timeout
     assert "timeout" not in log.read_text()
+
+
+def test_a_deadlocked_busybox_init_is_killed_without_waiting_for_the_timeout(env: Env, debian_rootfs: Path) -> None:
+    """BusyBox init can hang for good on a lock a killed child of its left taken (inits.SOLITARY):
+    a poweroff then kills it at once. The same init under another name waits for the kill timeout."""
+    name = env.name()
+    env.images.mkdir(parents=True, exist_ok=True)
+    copy_tree(debian_rootfs, env.images / name)
+    nr = {"x86_64": 202, "aarch64": 98}[os.uname().machine]  # futex(2)
+    # One thread asleep on a private futex nothing wakes, catching no signal: perl's syscall()
+    # passes a string as a pointer to its bytes.
+    script = ("#!/usr/bin/perl\n$| = 1;\nprint \"stuck init up\\n\";\n"
+              f"my $word = pack('L', 0);\nsyscall({nr}, $word, 128, 0, 0) while 1;\n")
+    for init in ("busybox", "stuck"):
+        path = env.images / name / "usr/local/sbin" / init
+        path.write_text(script)
+        path.chmod(0o755)
+    cfg = env.config / f"{name}.toml"
+    env.config.mkdir(parents=True, exist_ok=True)
+    log = env.runtime / "logs" / f"{name}.log"
+    for init, timeout in (("busybox", 60.0), ("stuck", 1.0)):
+        cfg.write_text(f'[machine]\nid = "{os.urandom(16).hex()}"\ninit = "/usr/local/sbin/{init}"\n'
+                       f'kill_timeout = {timeout}\n\n[network]\nmode = "none"\n')
+        env.ok("start", name)
+        info = json.loads(env.ok("show", name, "-o", "json"))
+        assert info["Init"] == ("busybox" if init == "busybox" else "sysvinit")
+        wchan = Path(f"/proc/{info['Leader']}/wchan")
+        assert wait_for(lambda w=wchan: w.read_text().startswith("futex"), 10)
+        start = time.monotonic()
+        env.ok("poweroff", name)
+        elapsed = time.monotonic() - start
+        assert env.running() == []
+        text = log.read_text()
+        assert "stuck init up" in text and "killed by SIGKILL" in text
+        if init == "busybox":
+            assert elapsed < 5, elapsed  # not the 60 s timeout
+            assert "init is deadlocked" in text and "timeout" not in text
+        else:
+            assert 0.9 < elapsed < 5, elapsed
+            assert "timeout, killing the machine" in text and "deadlocked" not in text
 
 
 def test_poweroff_escalates_when_the_guest_ignores_it(env: Env) -> None:

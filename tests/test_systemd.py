@@ -101,7 +101,8 @@ def gone(host: Host, name: str, machined: bool = True) -> bool:
 def why_not_gone(host: Host, name: str) -> str:
     """What still knows the machine, for a failure message."""
     return host.sh(f"{MCTL} list; machinectl list --no-pager; systemctl status --no-pager 'machine-{name}.scope'; "
-                   f"systemd-cgls --no-pager -u 'machine-{name}.scope'; ls -la /run/machined/machines/", check=False)
+                   f"systemd-cgls --no-pager -u 'machine-{name}.scope'; ls -la /run/machined/machines/; "
+                   f"tail -c 2000 /run/machined/logs/{name}.log", check=False)
 
 
 def assert_nothing_left(host: Host, name: str, machined: bool = True) -> None:

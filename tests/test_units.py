@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,35 @@ def test_init_kind(tmp_path: Path) -> None:
     (tmp_path / "sbin/init").symlink_to("../bin/busybox")
     assert inits.detect(str(tmp_path), "/sbin/init") == "busybox"
     assert inits.poweroff_signal("busybox") == __import__("signal").SIGUSR2
+
+
+# A real process asleep on a private futex that nothing wakes (one thread, or two), or in a sleep.
+FUTEX_WAIT = (
+    "import ctypes, os, sys, threading\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "word = ctypes.c_uint32(0)\n"
+    "nr = {'x86_64': 202, 'aarch64': 98}[os.uname().machine]\n"
+    "if sys.argv[1] == 'two': threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+    "print('ready', flush=True)\n"
+    "while True: libc.syscall(nr, ctypes.byref(word), 128, 0, None)  # FUTEX_WAIT_PRIVATE\n"
+)
+
+
+@pytest.mark.parametrize(("threads", "stuck"), [("one", True), ("two", False), ("sleep", False)])
+def test_a_solitary_init_asleep_on_a_futex_is_deadlocked(threads: str, stuck: bool) -> None:
+    argv = ["sleep", "60"] if threads == "sleep" else [sys.executable, "-c", FUTEX_WAIT, threads]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        if threads != "sleep":
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/wchan").read() in ("", "0") and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it is asleep
+        assert inits.deadlocked(proc.pid) is stuck
+    finally:
+        proc.kill()
+        proc.wait()
+    assert inits.deadlocked(proc.pid) is False  # gone
 
 
 def test_device_rules_and_program() -> None:
