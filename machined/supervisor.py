@@ -160,7 +160,8 @@ class Supervisor:
         self.stopping = False
         self.kill_deadline: float | None = None
         self.asking: int | None = None  # a signal for init that it does not take yet
-        self.deadlocked_since: float | None = None  # when init was first seen deadlocked (inits)
+        self.watch_deadlock = False  # a stopping init that may deadlock (inits.SOLITARY)
+        self.deadlocked_since: float | None = None  # when it was first seen deadlocked
         self.boots = 0
         self.data: dict[str, object] = {"name": plan.name}
         self.saved_tty: list[Any] | None = None
@@ -383,7 +384,7 @@ class Supervisor:
                 timeout = None
                 if self.kill_deadline is not None:
                     timeout = max(0.0, self.kill_deadline - time.monotonic())
-                if self.asking is not None:
+                if self.asking is not None or self.watch_deadlock:
                     timeout = min(timeout if timeout is not None else 0.01, 0.01)
                 for what in self.sel.select(timeout):
                     if what == "child":
@@ -405,6 +406,8 @@ class Supervisor:
                         self._on_uevent()
                 if self.asking is not None:
                     self._ask_init(self.asking)
+                if self.watch_deadlock:
+                    self._check_deadlock()
                 if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                     self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
                     self._signal_leader(signals.SIGKILL)
@@ -430,6 +433,7 @@ class Supervisor:
             state.write(self.plan.name, self.data)
             resources.thaw_for_stop(self.data)
             if self.plan.boot:
+                self.watch_deadlock = self.plan.init_kind in inits.SOLITARY
                 self._ask_init(inits.poweroff_signal(self.plan.init_kind))
             else:
                 self._signal_leader(sig)
@@ -440,26 +444,23 @@ class Supervisor:
         (inits.listens), and the machine would wait for the kill timeout instead."""
         self.asking = None
         if self.child is not None and not inits.listens(self.child.pid, sig):
-            if not self._kill_if_deadlocked():
-                self.asking = sig  # tried again from _loop
+            self.asking = sig  # tried again from _loop
             return
         self._signal_leader(sig)
 
-    def _kill_if_deadlocked(self) -> bool:
-        """An init that cannot take our signal because it is stuck for good is killed now, not at
-        the kill timeout."""
+    def _check_deadlock(self) -> None:
+        """A stopping init stuck for good (inits.deadlocked) is killed now, not at the kill timeout."""
         assert self.child is not None
-        if self.plan.init_kind not in inits.SOLITARY or not inits.deadlocked(self.child.pid):
+        if not inits.deadlocked(self.child.pid):
             self.deadlocked_since = None
-            return False
+            return
         now = time.monotonic()
         if self.deadlocked_since is None:
             self.deadlocked_since = now
-        if now - self.deadlocked_since < DEADLOCK_GRACE:
-            return False
-        self._log(b"\r\n[machined: init is deadlocked (asleep on a lock none will release), killing the machine]\r\n")
-        self._signal_leader(signals.SIGKILL)
-        return True
+        elif now - self.deadlocked_since >= DEADLOCK_GRACE:
+            self._log(b"\r\n[machined: init is deadlocked, killing the machine]\r\n")
+            self._signal_leader(signals.SIGKILL)
+            self.watch_deadlock = False
 
     def _signal_leader(self, sig: int) -> None:
         if self.child is not None and self.child.pidfd >= 0:

@@ -227,37 +227,42 @@ def test_requests_wait_for_an_init_still_setting_up(env: Env) -> None:
 
 
 def test_a_deadlocked_busybox_init_is_killed_without_waiting_for_the_timeout(env: Env, debian_rootfs: Path) -> None:
-    """BusyBox init can hang for good on a lock a killed child of its left taken (inits.SOLITARY):
-    a poweroff then kills it at once. The same init under another name waits for the kill timeout."""
+    """BusyBox init can hang for good on a lock a killed child of its left taken (inits.SOLITARY),
+    before or after it took the poweroff signal: the poweroff then kills it at once. The same init
+    under another name waits for the kill timeout."""
     name = env.name()
     env.images.mkdir(parents=True, exist_ok=True)
     copy_tree(debian_rootfs, env.images / name)
     nr = {"x86_64": 202, "aarch64": 98}[os.uname().machine]  # futex(2)
-    # One thread asleep on a private futex nothing wakes, catching no signal: perl's syscall()
-    # passes a string as a pointer to its bytes.
-    script = ("#!/usr/bin/perl\n$| = 1;\nprint \"stuck init up\\n\";\n"
-              f"my $word = pack('L', 0);\nsyscall({nr}, $word, 128, 0, 0) while 1;\n")
-    for init in ("busybox", "stuck"):
-        path = env.images / name / "usr/local/sbin" / init
-        path.write_text(script)
-        path.chmod(0o755)
+    # One thread asleep on a private futex that nothing wakes (perl's syscall() passes a string as
+    # a pointer to its bytes): at once, or once asked to power off.
+    hang = f"my $word = pack('L', 0);\nsub hang {{ syscall({nr}, $word, 128, 0, 0) while 1; }}\n"
+    scripts = {
+        "now": f"#!/usr/bin/perl\n$| = 1;\n{hang}print \"init up\\n\";\nhang();\n",
+        "asked": f"#!/usr/bin/perl\n$| = 1;\n{hang}$SIG{{$_}} = \\&hang for qw(USR2 PWR);\n"
+                 "print \"init up\\n\";\nsleep 1 while 1;\n",
+    }
     cfg = env.config / f"{name}.toml"
     env.config.mkdir(parents=True, exist_ok=True)
     log = env.runtime / "logs" / f"{name}.log"
-    for init, timeout in (("busybox", 60.0), ("stuck", 1.0)):
+    for init, when, timeout in (("busybox", "now", 60.0), ("busybox", "asked", 60.0), ("stuck", "asked", 1.0)):
+        path = env.images / name / "usr/local/sbin" / init
+        path.write_text(scripts[when])
+        path.chmod(0o755)
         cfg.write_text(f'[machine]\nid = "{os.urandom(16).hex()}"\ninit = "/usr/local/sbin/{init}"\n'
                        f'kill_timeout = {timeout}\n\n[network]\nmode = "none"\n')
         env.ok("start", name)
         info = json.loads(env.ok("show", name, "-o", "json"))
         assert info["Init"] == ("busybox" if init == "busybox" else "sysvinit")
         wchan = Path(f"/proc/{info['Leader']}/wchan")
-        assert wait_for(lambda w=wchan: w.read_text().startswith("futex"), 10)
+        assert wait_for(lambda: "init up" in log.read_text(), 10)
+        assert wait_for(lambda w=wchan, c=when: w.read_text().startswith("futex") == (c == "now"), 10)
         start = time.monotonic()
         env.ok("poweroff", name)
         elapsed = time.monotonic() - start
         assert env.running() == []
         text = log.read_text()
-        assert "stuck init up" in text and "killed by SIGKILL" in text
+        assert "killed by SIGKILL" in text
         if init == "busybox":
             assert elapsed < 5, elapsed  # not the 60 s timeout
             assert "init is deadlocked" in text and "timeout" not in text
