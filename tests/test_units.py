@@ -116,9 +116,15 @@ def test_a_solitary_init_asleep_on_a_futex_is_deadlocked(threads: str, stuck: bo
     try:
         if threads != "sleep":
             assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        wchan = Path(f"/proc/{proc.pid}/wchan")  # (its main thread's)
+
+        def asleep() -> bool:  # where it will stay
+            where = wchan.read_text()
+            return where.startswith("futex") if threads != "sleep" else where not in ("", "0")
         deadline = time.monotonic() + 10
-        while open(f"/proc/{proc.pid}/wchan").read() in ("", "0") and time.monotonic() < deadline:
-            time.sleep(0.01)  # until it is asleep
+        while not asleep() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert asleep()
         assert inits.deadlocked(proc.pid) is stuck
     finally:
         proc.kill()
