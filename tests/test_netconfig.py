@@ -127,3 +127,22 @@ def test_sha256_without_hashlib_is_sha256() -> None:
 
     for data in (b"", b"m", "ü".encode() * 1000):
         assert machined.sha256(data) == hashlib.sha256(data).digest()
+
+
+def test_a_machine_without_an_address_is_checked_without_ipaddress() -> None:
+    """ipaddress (with functools and collections) costs a start 2.5-4 ms: a machine with network
+    none, or ports but no fixed address, is checked without it; an address loads it to be checked."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from machined import config, netconfig; "
+            "netconfig.check_machine_network('none', '', (), ''); "
+            "netconfig.check_machine_network('bridge', '', ('8080:80', 'udp:53'), ''); "
+            "print('ipaddress' in sys.modules, end=' '); "
+            "netconfig.check_machine_network('bridge', '10.0.0.5', (), ''); print('ipaddress' in sys.modules)")
+    # -S: no site-packages, whose editable-install hooks import more; machined from the checkout
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip() == "False True"
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        netconfig.check_machine_network("bridge", "10.0.0.256", (), "")
