@@ -27,7 +27,7 @@ from machined.records import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import ipaddress  # (imported where used: 1.5-3 ms that a start with no network does without)
+    import ipaddress  # (imported where used: with functools and collections, 2.5-4 ms of a start)
 
 IFNAMSIZ = 16
 DEFAULT_BRIDGE = "mbr0"
