@@ -67,7 +67,6 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
 
 
 @pytest.mark.root
-@pytest.mark.root
 def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """For a detached start of a machine with replays, the helper makes a network namespace first
@@ -129,6 +128,7 @@ def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: 
             agent.close()
 
 
+@pytest.mark.root
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
     """The first start's helper is forked (it loads pyroute2 at once); a later one, with the
     machine's replays saved, is a new interpreter (netops): either holds nothing of mctl's."""
