@@ -69,12 +69,10 @@ def listens(pid: int, sig: int) -> bool:
     be lost. systemd blocks its signals and reads them from a signalfd; busybox init blocks them
     and waits in sigtimedwait(), which unblocks them in the mask that /proc shows while it waits."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        fields = _status(pid)
         if (int(fields[b"SigBlk"], 16) | int(fields[b"SigCgt"], 16)) >> (sig - 1) & 1:
             return True
-        with open(f"/proc/{pid}/wchan", "rb") as f:
-            return b"sigtimedwait" in f.read()
+        return b"sigtimedwait" in _wchan(pid)
     except (OSError, KeyError, ValueError):
         return True  # gone, or unreadable: sending is what reports it
 
@@ -82,10 +80,18 @@ def listens(pid: int, sig: int) -> bool:
 def deadlocked(pid: int) -> bool:
     """Whether pid, one of the SOLITARY inits, is asleep on a futex, and so for good."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            threads = next(line for line in f.read().splitlines() if line.startswith(b"Threads:"))
-        with open(f"/proc/{pid}/wchan", "rb") as f:
-            wchan = f.read()
-    except (OSError, StopIteration):
+        return _status(pid)[b"Threads"].strip() == b"1" and _wchan(pid).startswith(b"futex")
+    except (OSError, KeyError):
         return False
-    return threads.split()[1:] == [b"1"] and wchan.startswith(b"futex")
+
+
+def _status(pid: int) -> dict[bytes, bytes]:
+    """/proc/PID/status by field (the values unstripped)."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        return dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+
+
+def _wchan(pid: int) -> bytes:
+    """Where pid sleeps in the kernel (b"0" where it runs)."""
+    with open(f"/proc/{pid}/wchan", "rb") as f:
+        return f.read()

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import MCTL, Env, copy_tree
 from tests.test_teardown import _wait as wait_for
+from tests.test_units import SYS_FUTEX
 
 pytestmark = pytest.mark.root
 
@@ -233,10 +234,9 @@ def test_a_deadlocked_busybox_init_is_killed_without_waiting_for_the_timeout(env
     name = env.name()
     env.images.mkdir(parents=True, exist_ok=True)
     copy_tree(debian_rootfs, env.images / name)
-    nr = {"x86_64": 202, "aarch64": 98}[os.uname().machine]  # futex(2)
     # One thread asleep on a private futex that nothing wakes (perl's syscall() passes a string as
     # a pointer to its bytes): at once, or once asked to power off.
-    hang = f"my $word = pack('L', 0);\nsub hang {{ syscall({nr}, $word, 128, 0, 0) while 1; }}\n"
+    hang = f"my $word = pack('L', 0);\nsub hang {{ syscall({SYS_FUTEX}, $word, 128, 0, 0) while 1; }}\n"
     scripts = {
         "now": f"#!/usr/bin/perl\n$| = 1;\n{hang}print \"init up\\n\";\nhang();\n",
         "asked": f"#!/usr/bin/perl\n$| = 1;\n{hang}$SIG{{$_}} = \\&hang for qw(USR2 PWR);\n"

@@ -97,15 +97,15 @@ def test_init_kind(tmp_path: Path) -> None:
     assert inits.poweroff_signal("busybox") == __import__("signal").SIGUSR2
 
 
+SYS_FUTEX = {"x86_64": 202, "aarch64": 98}[os.uname().machine]
 # A real process asleep on a private futex that nothing wakes (one thread, or two), or in a sleep.
 FUTEX_WAIT = (
-    "import ctypes, os, sys, threading\n"
+    "import ctypes, sys, threading\n"
     "libc = ctypes.CDLL(None, use_errno=True)\n"
     "word = ctypes.c_uint32(0)\n"
-    "nr = {'x86_64': 202, 'aarch64': 98}[os.uname().machine]\n"
     "if sys.argv[1] == 'two': threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
     "print('ready', flush=True)\n"
-    "while True: libc.syscall(nr, ctypes.byref(word), 128, 0, None)  # FUTEX_WAIT_PRIVATE\n"
+    f"while True: libc.syscall({SYS_FUTEX}, ctypes.byref(word), 128, 0, None)  # FUTEX_WAIT_PRIVATE\n"
 )
 
 
