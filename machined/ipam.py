@@ -11,11 +11,11 @@ is stale and reclaimed by whoever looks next.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import os
 
 import machined
 from machined import jsonc, paths, state
+from machined.inet import Address
 from machined.log import die
 
 TYPE_CHECKING = False
@@ -104,17 +104,16 @@ class Store(Lock):
 
     # --- addresses ------------------------------------------------------------------------------
 
-    def lease(self, br: Bridge, owner: str, ref: object, seed: str, fixed: str = "") -> ipaddress.IPv4Address:
+    def lease(self, br: Bridge, owner: str, ref: object, seed: str, fixed: str = "") -> Address:
         """The owner's address on bridge br: fixed if given (must be free), else the stable choice."""
         leases = self.data["leases"]
         for key, entry in list(leases.items()):
             if entry.get("owner") == owner and entry.get("pool") == br.name:
                 del leases[key]  # our own earlier lease (a reboot, a crash): choose again, the same way
-        taken = {ipaddress.IPv4Address(e["addr"]) for e in leases.values() if e.get("pool") == br.name
-                 and isinstance(e.get("addr"), str)}
+        taken = {e["addr"] for e in leases.values() if e.get("pool") == br.name}
         reserved = {br.subnet.network_address, br.subnet.broadcast_address, br.gateway}
         if fixed:
-            addr = ipaddress.IPv4Address(fixed)
+            addr = Address.parse(fixed)
             reason = fixed_error(br, addr, owner, leases)
             if reason:
                 die(f"Failed to lease {addr} to {owner}: {reason}")
@@ -123,7 +122,7 @@ class Store(Lock):
             start = int.from_bytes(machined.sha256(seed.encode())[:8], "big") % size
             for i in range(size):
                 addr = br.subnet.network_address + (start + i) % size
-                if addr not in reserved and addr not in taken:
+                if addr not in reserved and str(addr) not in taken:
                     break
             else:
                 die(f"No free address left in the subnet {br.subnet} of bridge {br.name}")
@@ -163,7 +162,7 @@ class Store(Lock):
                 self.dirty = True
 
 
-def fixed_error(br: Bridge, addr: ipaddress.IPv4Address, owner: str, leases: dict[str, dict[str, object]]) -> str:
+def fixed_error(br: Bridge, addr: Address, owner: str, leases: dict[str, dict[str, object]]) -> str:
     """Why addr cannot be owner's fixed address on br ('' if it can): it must be a free host address
     of the bridge's subnet, other than the gateway."""
     if addr not in br.subnet:

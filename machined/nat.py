@@ -13,9 +13,9 @@ removing them is one idempotent 'delete table' each.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 
 from machined import jsonc
+from machined.inet import Network
 from machined.log import MachinedError
 
 TYPE_CHECKING = False
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 FAMILY = "inet"  # one table serves IPv4 and IPv6
-LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+LOOPBACK = Network.parse("127.0.0.0/8")
 _lib: ctypes.CDLL | None = None
 
 
@@ -108,7 +108,7 @@ def _payload(proto: str, fld: str) -> dict[str, object]:
     return {"payload": {"protocol": proto, "field": fld}}
 
 
-def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dict[str, object]:
+def _prefix(net: Network) -> dict[str, object]:
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
@@ -163,8 +163,8 @@ def _bridge_commands(br: dict[str, Any]) -> list[dict[str, object]]:
         _chain(t, "forward", "filter", "forward", 0),
     ]
     if br["nat"]:
-        nets = [(proto, ipaddress.ip_network(br[key])) for proto, key in (("ip", "subnet"), ("ip6", "ipv6_subnet"))
-                if br[key]]
+        nets = [(proto, Network.parse(br[key], version)) for proto, key, version in
+                (("ip", "subnet", 4), ("ip6", "ipv6_subnet", 6)) if br[key]]
         for proto, net in nets:
             cmds.append(_rule(t, "postrouting", _match(_payload(proto, "saddr"), _prefix(net)),
                               _match(_payload(proto, "daddr"), _prefix(net), "!="), {"masquerade": None}))

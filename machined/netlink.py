@@ -103,7 +103,7 @@ def _network_lock(take: bool) -> contextlib.AbstractContextManager[object]:
     """The network lock (ipam's) if take: where a bridge is made, or may go meanwhile."""
     if not take:
         return contextlib.nullcontext()
-    from machined import ipam  # (not on the way of a start on a kept bridge: it loads ipaddress)
+    from machined import ipam  # (not on the way of a start on a kept bridge)
 
     return ipam.Lock()
 
@@ -186,16 +186,16 @@ def _delete_link(nl: Rtnl, ifname: str, settle: float = 0.0) -> None:
 
 def _check_subnet_free(nl: Rtnl, br: dict[str, Any]) -> None:
     """Refuse a subnet that overlaps a network the host already routes (other than through br)."""
-    import ipaddress  # (only as a bridge is made: not on every start)
+    from machined.inet import Network  # (only as a bridge is made: not on every start)
 
-    for net in (ipaddress.ip_network(br[key]) for key in ("subnet", "ipv6_subnet") if br[key]):
+    for net in (Network.parse(br[key], version) for key, version in (("subnet", 4), ("ipv6_subnet", 6)) if br[key]):
         query = rtmsg()
         query["family"] = socket.AF_INET if net.version == 4 else socket.AF_INET6
         for route in nl.call(RTM_GETROUTE, query, NLM_F_DUMP, reply=rtmsg):
             dst, plen = route.get_attr("RTA_DST"), route["dst_len"]
             if not dst or plen == 0 or route.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
                 continue
-            other = ipaddress.ip_network(f"{dst}/{plen}", strict=False)
+            other = Network.parse(f"{dst}/{plen}", net.version, strict=False)
             if other.overlaps(net):
                 oif = route.get_attr("RTA_OIF")
                 link = _get_link(nl, index=oif) if oif else None

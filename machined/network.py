@@ -17,11 +17,10 @@ which is idempotent and also runs (in-process) after a supervisor was killed.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 
 import machined
-from machined import ipam, linux, mounts, netagent, netconfig, paths, pods, state
+from machined import inet, ipam, linux, mounts, netagent, netconfig, paths, pods, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -67,7 +66,7 @@ class MachineNetwork:
         self.ports = [netconfig.parse_port(p) for p in cfg.network.ports]
         self.host: HostNetwork = netconfig.load_host()
         self.bridge: Bridge | None = None
-        self.address: ipaddress.IPv4Address | None = None
+        self.address: inet.Address | None = None
         self.netns = -1
         self.asked = False  # links asked for the next boot, the answer not taken yet
         self.renewing = False  # the bridge's NAT table to be renewed once the machine runs
@@ -88,7 +87,7 @@ class MachineNetwork:
         elif self.mode.kind in ("bridge", "veth"):
             self.bridge = self._bridge()
             fixed = self.cfg.network.address
-            reason = fixed and ipam.fixed_error(self.bridge, ipaddress.IPv4Address(fixed), self.owner,
+            reason = fixed and ipam.fixed_error(self.bridge, inet.Address.parse(fixed), self.owner,
                                                 store.get("leases", {}))
             if reason:
                 die(f"{fail}: {reason}")
@@ -444,18 +443,9 @@ def host_resolvers() -> str:
             continue
         servers = [line.split()[1] for line in text.splitlines()
                    if line.startswith("nameserver") and len(line.split()) > 1]
-        if servers and not all(ipaddress.ip_address(s.split("%")[0]).is_loopback for s in servers
-                               if _is_ip(s.split("%")[0])):
+        if servers and not all(inet.is_loopback(s) is not False for s in servers):
             return text
     return ""
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def write_resolv_conf(path: str) -> None:
