@@ -22,9 +22,12 @@ from __future__ import annotations
 import os
 
 from machined import paths
-from machined.inet import Address, Network
 from machined.log import die
 from machined.records import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from machined.inet import Address, Network  # (imported where used: a start with network none needs none)
 
 IFNAMSIZ = 16
 DEFAULT_BRIDGE = "mbr0"
@@ -116,6 +119,8 @@ def check_machine_network(mode: str, address: str, ports: tuple[str, ...], pod: 
     if address:
         if m.kind not in ("bridge", "veth"):
             raise ValueError(f"an address needs network mode bridge or veth, not {mode}")
+        from machined.inet import Address
+
         try:
             Address.parse(address)
         except ValueError:
@@ -185,6 +190,8 @@ def _bridge(name: str, data: dict[str, object], where: str) -> Bridge:
     if unknown:
         die(f"Invalid setting network.bridges.{name}.{sorted(unknown)[0]} in {where}: unknown key")
     check_ifname(name, "bridge")
+    from machined.inet import Address, Network
+
     try:
         subnet = Network.parse(str(data.get("subnet", DEFAULT_SUBNET)))
         if subnet.prefixlen > 29:

@@ -132,16 +132,21 @@ def test_sha256_without_hashlib_is_sha256() -> None:
 def test_a_bridged_start_works_out_its_addresses_without_ipaddress(tmp_path: Path) -> None:
     """ipaddress (with functools and collections) cost a bridged start 2.5-4 ms: what mctl and the
     supervisor do with addresses (the machine's settings, the bridge's, a fixed address checked, a
-    lease, the host's resolvers, the bridge's NAT rules) loads none of them."""
+    lease, the host's resolvers, the bridge's NAT rules) loads none of them. A machine with network
+    none, or with ports but no address, is checked without even inet (and _socket with it)."""
     import subprocess
     import sys
 
     (tmp_path / "machined.conf").write_text('[network.bridges.b0]\nsubnet = "10.9.8.0/24"\n'
                                             'ipv6_subnet = "fd00:9:8::/64"\n')
-    code = ("import os, sys; from machined import ipam, nat, netconfig, network, state; "
+    code = ("import os, sys; from machined import config, netconfig; "
+            "netconfig.check_machine_network('none', '', (), ''); "
+            "netconfig.check_machine_network('bridge', '', ('8080:80', 'udp:53'), ''); "
+            "print(sorted({'machined.inet', '_socket'} & set(sys.modules)), end=' '); "
+            "from machined import inet, ipam, nat, network, state; "
             "netconfig.check_machine_network('bridge:b0', '10.9.8.5', ('8080:80', 'udp:53'), ''); "
             "br = netconfig.load_host().bridge('b0'); "
-            "assert not ipam.fixed_error(br, netconfig.Address.parse('10.9.8.5'), 'm', {}); "
+            "assert not ipam.fixed_error(br, inet.Address.parse('10.9.8.5'), 'm', {}); "
             "s = ipam.Store(); s.__enter__(); a = s.lease(br, 'm', state.proc_ref(os.getpid()), 'seed'); "
             "network.host_resolvers(); nat._bridge_commands(br.to_json()); "
             "print(a in br.subnet, br.address6(a), "
@@ -150,7 +155,7 @@ def test_a_bridged_start_works_out_its_addresses_without_ipaddress(tmp_path: Pat
     env = dict(os.environ, MACHINED_CONFIG_DIR=str(tmp_path), MACHINED_RUNTIME_DIR=str(tmp_path / "run"))
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, env=env,
                          cwd=Path(__file__).resolve().parent.parent).stdout
-    assert out.startswith("True fd00:9:8::") and out.strip().endswith(" []"), out
+    assert out.startswith("[] True fd00:9:8::") and out.strip().endswith(" []"), out
     with pytest.raises(ValueError, match="not an IPv4 address"):
         netconfig.check_machine_network("bridge", "10.0.0.256", (), "")
 
