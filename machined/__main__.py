@@ -11,6 +11,9 @@ if sys.argv[1:2] in (["run"], ["start"]):
     from machined import prewarm  # first of all: its wait overlaps with everything else (see prewarm)
 
     prewarm.start()
+    from machined import netagent
+
+    netagent.prefork_early(sys.argv[1:])  # (its helper starts 2 ms sooner than the parser could say)
 from machined.cli import run  # (after the prewarm on purpose)
 
 run()

@@ -793,7 +793,7 @@ def _get_ready(args: argparse.Namespace) -> None:
     """For a start or run: begin the wait of the kernel's first cgroup migration now (prewarm).
     For one machine, also fork the helpers that load their libraries on another CPU meanwhile:
     where systemd runs the machine's D-Bus agent (systemd.prefork), and where its network has
-    links its network helper (netagent.prefork)."""
+    links its network helper (netagent.prefork, unless __main__'s netagent.prefork_early did already)."""
     if args.verb not in ("run", "start") or os.geteuid() != 0:
         return
     from machined import prewarm

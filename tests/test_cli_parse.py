@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import pytest
 
-from machined import cli
+from machined import cli, netagent
 from machined.log import MachinedError
 
 
@@ -201,3 +201,60 @@ def test_quick_parse_does_not_import_argparse() -> None:
             "print(cli._quick_parse(['start', 'x', '--network', 'none']) is not None, 'argparse' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert r.stdout.split() == ["True", "False"], r.stdout + r.stderr
+
+
+def _helper_decision(args: dict[str, Any]) -> tuple[str, str | None, bool] | tuple[()]:
+    """What cli._get_ready gives netagent.prefork for parsed args (() where it forks no helper)."""
+    start = args["verb"] == "start"
+    names = args["names"] if start else [args["name"]] if args["name"] and not args["directory"] else []
+    if not names or (start and len(names) > 1):
+        return ()
+    return names[0], args.get("network"), start and not args["foreground"]
+
+
+def check_scan(argv: list[str]) -> bool:
+    """netagent.scan, which forks a start's network helper before mctl has imported its parser:
+    uncertain (None), or what the parser's decision would be; a helper never for what the parser
+    refuses. Returns whether it was certain."""
+    decided = netagent.scan(argv)
+    if decided is None:
+        return False
+    args = _argparse(argv[: argv.index("--")] if "--" in argv else argv)
+    assert decided == (() if args is None else _helper_decision(args)), argv
+    return True
+
+
+@pytest.mark.parametrize("verb", ["start", "run"])
+def test_the_early_helper_decision_is_the_parsers(verb: str) -> None:
+    for argv in _valid(verb):
+        check_scan(argv)
+    rng = random.Random(20261128)
+    certain = 0
+    for _ in range(10000):
+        argv = _random_argv(rng)
+        argv[0:0] = [verb] if argv[:1] != [verb] else []
+        certain += check_scan(argv)
+    assert certain > 1000, certain
+
+
+@pytest.mark.parametrize("argv", [
+    ["start", "NAME"], ["start", "NAME", "--network", "none"], ["start", "--network=bridge:b", "NAME"],
+    ["start", "A", "B"], ["start", "NAME", "-x", "-p", "8080:80", "--port", "53", "--pod", "P"],
+    ["start", "NAME", "--foreground"], ["run", "NAME"], ["run", "NAME", "--", "ls", "-l"], ["run", "NAME", "ls"],
+    ["run", "-D", "D", "--read-only", "--", "ls"], ["run", "--directory=D"],
+])
+def test_the_early_helper_decision_is_certain_for_common_forms(argv: list[str]) -> None:
+    assert check_scan(argv), argv
+
+
+def test_mctl_forks_the_network_helper_before_it_imports_its_parser() -> None:
+    """__main__ calls netagent.prefork_early first thing for a start: cli (the parser) is a stand-in
+    here, which __main__ finds as it imports cli only after that."""
+    code = ("import os, sys, types; sys.argv = ['mctl', 'start', 'm', '--network', 'bridge:b']; "
+            "os.geteuid = lambda: 0; from machined import netagent; seen = []; "
+            "netagent.prefork = lambda *a: seen.append(a); "
+            "sys.modules['machined.cli'] = types.SimpleNamespace(run=lambda: print(seen)); "
+            "import machined.__main__")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.strip() == "[('m', 'bridge:b', True)]"
