@@ -337,8 +337,10 @@ def prefork_early(argv: list[str]) -> None:
     """mctl's first step for a start or run (before it imports its parser, ~2 ms): the helper
     forked now where scan() is certain of what prefork() would be given."""
     global _decided
+    from machined import paths
+
     decided = scan(argv) if os.geteuid() == 0 else None
-    if decided:
+    if decided and not paths.name_error(decided[0]):  # (a bad name: mctl's parser path says so, in one line)
         prefork(*decided)
     elif decided == ():
         _decided = True

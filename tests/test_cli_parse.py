@@ -258,3 +258,12 @@ def test_mctl_forks_the_network_helper_before_it_imports_its_parser() -> None:
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     assert out.strip() == "[('m', 'bridge:b', True)]"
+
+
+@pytest.mark.root
+def test_a_bad_name_is_refused_in_one_line_also_where_the_helper_is_forked_early() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv in (["start", "a/b", "--network", "bridge"], ["start", "..", "--network=veth"], ["run", "a/b"]):
+        r = subprocess.run([sys.executable, os.path.join(root, "bin", "mctl"), *argv], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=root))
+        assert r.returncode == 1 and r.stderr.startswith("mctl: ") and r.stderr.count("\n") == 1, (argv, r.stderr)
