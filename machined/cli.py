@@ -804,8 +804,7 @@ def _get_ready(args: argparse.Namespace) -> None:
     if one and names:
         from machined import netagent
 
-        detached = args.verb == "start" and not args.foreground
-        netagent.prefork(names[0], getattr(args, "network", None), detached)  # None: the settings'
+        netagent.prefork(names[0], getattr(args, "network", None))  # None: the settings'
     if one:
         from machined import systemd
 

@@ -1,15 +1,19 @@
 """A machine's network helper: a process that does the machine's netlink work for its supervisor.
 
-mctl starts the helper first thing when it starts or runs one machine whose network has links
-(prefork: decided from the command line and the machine's settings file), on the other CPU. A
-machine's common start sends requests saved by an earlier one (netops: replays), and its helper is
-a new interpreter that loads little; otherwise the helper is forked and imports pyroute2's message
-classes (machined.netlink, about 30 ms) meanwhile, which would all be on a start's critical path in
-mctl or the supervisor. The supervisor then asks it for each netlink step (OPS: functions of
-machined.netops), handing over the machine's network namespace as an fd: one JSON message per
-request and per reply on a socket pair (SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each
-other before their answers are read; the helper answers them in order. For a detached start, a new
-interpreter's first answer comes unasked: a network namespace it made for the first boot (Agent.netns).
+mctl decides first thing, when it starts or runs one machine whose network has links (prefork:
+from the command line and the machine's settings file, before mctl imports its parser):
+
+- A machine whose links were made before by requests that an earlier start saved (netops:
+  replays), the common case, needs no helper: a thread of mctl's (Early) makes the network
+  namespace and the veth pair at once, while mctl imports the rest; the supervisor adopts them and
+  does the few steps left itself (Inline).
+- Otherwise a helper process is forked, which imports pyroute2's message classes
+  (machined.netlink, about 30 ms) meanwhile, on the other CPU, instead of mctl or the supervisor.
+  The supervisor asks it for each netlink step (OPS: functions of machined.netops), handing over
+  the machine's network namespace as an fd: one JSON message per request and per reply on a socket
+  pair (SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each other before their answers are read;
+  the helper answers them in order. (A helper for a machine with replays, which a test or a caller
+  may still make, is a new interpreter that loads little.)
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor), runs in a
 session of its own and ignores terminal and stop signals: it ends when its socket does, when the
@@ -57,10 +61,9 @@ class HelperError(Exception):
 class Agent:
     """The supervisor's end of a helper process (which is started here, for machine)."""
 
-    def __init__(self, machine: str = "", kind: str = "", netns: bool = False) -> None:
-        """kind: the mode of machine's network (its links are replayed for REPLAYED_MODES). netns:
-        a new interpreter makes the first boot's network namespace (a supervisor that is forked
-        asks for it late enough that it is there: not one that runs in mctl)."""
+    def __init__(self, machine: str = "", kind: str = "", replays: bool = True) -> None:
+        """kind: the mode of machine's network (its links are replayed for REPLAYED_MODES, where
+        replays: not where they were found not to fit, and netlink is imported at once)."""
         # The socket module costs ~6 ms to import (its enums): its C part does here.
         import _socket
 
@@ -70,15 +73,13 @@ class Agent:
         # with mctl, which then copies each one it writes to as it goes on (3-4 ms of a start). One
         # that needs pyroute2 is forked: its import (~30 ms) starts at once, not after the ~10 ms an
         # interpreter takes to start, and that is what its start waits for.
-        replayed = kind in REPLAYED_MODES and replayable(machine)
-        netns = netns and replayed
+        replayed = replays and kind in REPLAYED_MODES and replayable(machine)
         try:
             if replayed:
                 os.set_inheritable(theirs, True)
                 # Isolated and without site (~3 ms less to start), on our module path.
                 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (where no path has it)
-                argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, "netns" if netns else "",
-                        root, *sys.path]
+                argv = [sys.executable, "-I", "-S", "-c", _MAIN, str(theirs), machine, root, *sys.path]
                 pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
             else:
                 pid = os.fork()
@@ -101,12 +102,7 @@ class Agent:
         self.machine = machine
         self.op = ""
         self.used = False
-        # The helper's first answer, unasked where netns: a network namespace for the machine's first
-        # boot, which it makes before its other imports while mctl goes on, so that it is not on the
-        # supervisor's way (~1 ms). (A forked helper makes none: it imports pyroute2 first.)
-        self.netns_due = netns
-        self.unread = int(netns)  # answers due, not read yet (one for each request sent)
-        self.spare = -1  # the helper's namespace, read before it was taken: for the next boot
+        self.unread = 0  # answers due, not read yet (one for each request sent)
         if not _agents:
             import atexit
 
@@ -137,39 +133,16 @@ class Agent:
             self._gone(e)
 
     def netns(self) -> int:
-        """A new network namespace (an fd): the one the helper made as it started where it is there
-        already, else one made here (~1 ms; the helper's is kept for the next boot once read)."""
-        import select
-
-        if self.netns_due and self.fd >= 0 and select.select([self.fd], [], [], 0)[0]:
-            self._take_netns()
-        if self.spare >= 0:
-            fd, self.spare = self.spare, -1
-            return fd
+        """A new network namespace (an fd), for a boot's links."""
         from machined import linux
 
         return linux.new_net_namespace()
-
-    def _take_netns(self) -> None:
-        """Read the helper's namespace (the spare); where it failed to make one, one is made here."""
-        self.netns_due = False
-        self.op = "create network namespace"
-        try:
-            fd = self._answer()
-        except HelperGone:
-            raise
-        except (MachinedError, HelperError):
-            return
-        assert isinstance(fd, int)
-        self.spare = fd
 
     def receive(self) -> Any:
         """The answers to the requests sent: the result of the last; the first MachinedError among
         them is raised here as it was raised there (once all are read)."""
         error: BaseException | None = None
         result = None
-        if self.netns_due:  # (read first: the answers come in order)
-            self._take_netns()
         while self.unread:
             try:
                 result = self._answer()
@@ -189,22 +162,16 @@ class Agent:
             pass
 
     def _answer(self) -> Any:
-        """The next answer's result (or the fd passed with it: a network namespace), or its error raised."""
-        import _socket
-
+        """The next answer's result, or its error raised."""
         from machined import jsonc
 
         self.unread -= 1
         try:
-            # (close-on-exec: a machine's child, say, is not to inherit a namespace passed here)
-            data, ancillary, _, _ = self._socket().recvmsg(65536, _socket.CMSG_SPACE(4), _socket.MSG_CMSG_CLOEXEC)
+            data = self._socket().recv(65536)
         except OSError as e:
             self._gone(e)
         if not data:
             self._gone(None)
-        passed = _passed(ancillary)
-        if passed:
-            return passed[0]
         reply: dict[str, Any] = jsonc.loads(data)
         if "error" in reply:
             raise MachinedError(reply["error"], reply.get("hint"))
@@ -222,9 +189,6 @@ class Agent:
         raise HelperGone(f"Failed to {self.op.replace('_', ' ')} for {self.machine}: its network helper ended{why}")
 
     def _close_socket(self) -> bool:
-        if self.spare >= 0:
-            os.close(self.spare)
-            self.spare = -1
         if self.fd < 0:
             return False
         if self._sock is not None:
@@ -264,8 +228,144 @@ class Agent:
                 pass
 
 
+class Early:
+    """A thread of mctl's that makes a detached start's network namespace and veth pair first thing
+    (netops.attach_early), while mctl imports and plans the rest: the kernel takes 2-5 ms to make a
+    veth pair, which a helper process would start on only after its own ~15 ms start. The thread's
+    Python is a few hundred microseconds; the kernel's work releases the GIL."""
+
+    def __init__(self, machine: str) -> None:
+        import _socket  # noqa: F401
+        import _thread
+
+        import machined
+        from machined import linux, netops  # noqa: F401
+
+        # Everything the thread uses is imported here: a module that a thread is importing as mctl
+        # forks (the D-Bus agent, say) would stay locked in the child.
+        machined.sha256(b"")  # (its first call imports _sha256)
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
+        self.value: tuple[int, dict[str, Any]] | None = None
+        # The thread asks for the GIL after each of its few dozen system calls: at the default
+        # interval it may wait 5 ms for mctl's imports each time.
+        self.interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0001)
+        _thread.start_new_thread(self._run, (machine,))
+
+    def _run(self, machine: str) -> None:
+        try:
+            from machined import netops
+
+            self.value = netops.attach_early(machine)
+        except Exception:  # noqa: BLE001 - best effort: the start makes the links as it would have
+            pass
+        finally:
+            sys.setswitchinterval(self.interval)
+            self.done.release()
+
+    def result(self) -> tuple[int, dict[str, Any]] | None:
+        """Once the thread is done (mctl takes it before it forks the supervisor)."""
+        with self.done:
+            return self.value
+
+
+class Inline:
+    """The network helper of a detached start whose links were made by Early: its steps are done
+    by the supervisor itself, each when its answer is taken (receive), which spawn does while the
+    machine's child builds its root. The first boot's veth pair is Early's, where its arguments are
+    the machine's (adopt); what is left of that boot is host0's addresses and routes, a few
+    requests. There is no process: nothing to record, start, wait for or end."""
+
+    pid = None
+
+    def __init__(self, machine: str, early: Early | None) -> None:
+        self.machine = machine
+        self.early = early
+        self.op = ""
+        self.used = False
+        self.adopted: tuple[int, dict[str, Any]] | None = None  # Early's namespace, for the first boot
+        self.attached = -1  # a namespace whose veth pair is made already: its attach_veth is done
+        self.due: list[tuple[str, int, dict[str, Any]]] = []
+
+    def adopt(self, attach: dict[str, Any] | None) -> bool:
+        """mctl, as it plans the start: Early's namespace is the first boot's where Early made it
+        with these arguments of attach_veth (None: the start needs it not, as a pod's); else it is
+        closed, and False returned: the replays do not fit the start, which takes a helper."""
+        early, self.early = self.early, None
+        made = early.result() if early is not None else None
+        if made is not None and attach is not None and made[1] == attach:
+            self.adopted = made
+            return True
+        if made is not None:
+            os.close(made[0])
+        return False
+
+    def netns(self) -> int:
+        """A new network namespace: Early's, the first time, where it was adopted; else one made here."""
+        if self.adopted is not None:
+            fd, self.adopted = self.adopted[0], None
+            self.attached = fd
+            return fd
+        from machined import linux
+
+        return linux.new_net_namespace()
+
+    def send(self, op: str, netns: int = -1, **args: Any) -> None:
+        if op not in OPS:
+            raise ValueError(f"unknown operation {op!r}")
+        self.used = True
+        if op == "attach_veth" and netns >= 0 and netns == self.attached:
+            self.attached = -1
+            self.due.append(("", -1, {}))  # (done: its answer is None)
+            return
+        self.due.append((op, os.dup(netns) if netns >= 0 else -1, args))
+
+    def receive(self) -> Any:
+        """The steps sent, done now, in order: the result of the last; the first error is raised
+        once all are done (as a helper's answers)."""
+        from machined import netops
+
+        error: Exception | None = None
+        result = None
+        due, self.due = self.due, []
+        for op, netns, args in due:
+            self.op = op
+            try:
+                result = getattr(netops, op)(*((netns,) if netns >= 0 else ()), **args) if op else None
+            except Exception as e:  # noqa: BLE001 - raised once all are done
+                error = error or e
+            finally:
+                if netns >= 0:
+                    os.close(netns)
+        if error is not None:
+            raise error
+        return result
+
+    def request(self, op: str, netns: int = -1, **args: Any) -> Any:
+        self.send(op, netns, **args)
+        return self.receive()
+
+    def drain(self) -> None:
+        """The steps sent and not done: not done."""
+        for _, netns, _ in self.due:
+            if netns >= 0:
+                os.close(netns)
+        self.due = []
+
+    def forget(self) -> None:
+        """(mctl, once it forked the supervisor: nothing here is mctl's to end)"""
+
+    def close(self) -> None:
+        self.drain()
+        self.adopt(None)  # (Early's namespace, where nothing took it: its thread is done first)
+        if self.adopted is not None:
+            os.close(self.adopted[0])
+            self.adopted = None
+
+
 _agents: list[Agent] = []
-_preforked: Agent | None = None
+_preforked: Agent | Inline | None = None
 
 
 def _close_all() -> None:
@@ -275,16 +375,16 @@ def _close_all() -> None:
             agent.close()
 
 
-def prefork(name: str, mode: str | None, detached: bool) -> None:
-    """Called by mctl first thing when it starts or runs machine name; mode: its --network option;
-    detached: a start whose supervisor is forked. Once only: where prefork_early() decided, not again."""
+def prefork(name: str, mode: str | None) -> None:
+    """Called by mctl first thing when it starts or runs machine name; mode: its --network option.
+    Once only: where prefork_early() decided, not again."""
     global _preforked, _decided
     if _decided:
         return
     _decided = True
     kind = (mode if mode is not None else _configured_mode(name)).partition(":")[0]
     if kind in LINK_MODES:
-        _preforked = Agent(name, kind, netns=detached)
+        _preforked = Inline(name, Early(name)) if kind in REPLAYED_MODES and replayable(name) else Agent(name, kind)
 
 
 _decided = False
@@ -295,8 +395,8 @@ _OPTIONS = {"start": ({"--foreground", "-x", "--ephemeral"}, {"--network", "-p",
             "run": ({"--read-only"}, {"-D", "--directory"}, True)}
 
 
-def scan(argv: list[str]) -> tuple[str, str | None, bool] | tuple[()] | None:
-    """What prefork() is to be given for mctl's argv (start or run): (name, --network, detached), or
+def scan(argv: list[str]) -> tuple[str, str | None] | tuple[()] | None:
+    """What prefork() is to be given for mctl's argv (start or run): (name, --network), or
     () for no helper (several machines, or a directory); None where that is not certain without
     mctl's parser (abbreviated or unknown options, say), which then decides (cli._get_ready)."""
     if "--" in argv:
@@ -330,12 +430,12 @@ def scan(argv: list[str]) -> tuple[str, str | None, bool] | tuple[()] | None:
     if not words or (not command and len(words) > 1) or (command and not words[0]) or "-D" in given \
             or "--directory" in given:
         return ()  # (as cli: a run's name is optional, so an empty one is none)
-    return words[0], given.get("--network"), argv[0] == "start" and "--foreground" not in given
+    return words[0], given.get("--network")
 
 
 def prefork_early(argv: list[str]) -> None:
-    """mctl's first step for a start or run (before it imports its parser, ~2 ms): the helper
-    forked now where scan() is certain of what prefork() would be given."""
+    """mctl's first step for a start or run (before it imports its parser, ~2 ms): prefork() now
+    where scan() is certain of what it would be given."""
     global _decided
     from machined import paths
 
@@ -346,7 +446,7 @@ def prefork_early(argv: list[str]) -> None:
         _decided = True
 
 
-def take(machine: str, kind: str) -> Agent:
+def take(machine: str, kind: str) -> Agent | Inline:
     """The helper for machine: the one started first thing, else a new one."""
     global _preforked
     agent, _preforked = _preforked, None
@@ -420,21 +520,20 @@ def _configured_mode(name: str) -> str:
 
 # --- the helper -------------------------------------------------------------------------------------
 
-_MAIN = "import sys; sys.path[:] = sys.argv[4:]; from machined import netagent; netagent.main()"
+_MAIN = "import sys; sys.path[:] = sys.argv[3:]; from machined import netagent; netagent.main()"
 
 
 def main() -> None:
-    """The helper's interpreter (Agent): its socket's fd, machine, "netns" or "" are its arguments."""
+    """The helper's interpreter (Agent): its socket's fd and machine are its arguments."""
     try:
-        _serve(int(sys.argv[1]), sys.argv[2], preload=False, netns=sys.argv[3] == "netns")
+        _serve(int(sys.argv[1]), sys.argv[2], preload=False)
     finally:
         os._exit(0)
 
 
-def _serve(old: int, machine: str, preload: bool, netns: bool = False) -> None:
-    """The helper's life: shed mctl's descriptors; hand over a network namespace if netns; import
-    netlink if preload (the machine's start has no replays: netops), or else read machine's
-    replays; answer until the socket ends."""
+def _serve(old: int, machine: str, preload: bool) -> None:
+    """The helper's life: shed mctl's descriptors; import netlink if preload (the machine's start
+    has no replays: netops), or else read machine's replays; answer until the socket ends."""
     import fcntl
     import gc
 
@@ -461,8 +560,6 @@ def _serve(old: int, machine: str, preload: bool, netns: bool = False) -> None:
     import _socket  # (not socket: its enums take a few ms more to import)
 
     conn = _socket.socket(fileno=fd)
-    if netns:
-        _hand_over_netns(conn)
     from machined import jsonc, linux, netops  # noqa: F401 - linux: for the replays' setns, now
 
     try:
@@ -505,22 +602,6 @@ def _serve(old: int, machine: str, preload: bool, netns: bool = False) -> None:
             conn.send(jsonc.dumps(reply).encode())
         except OSError:
             break
-
-
-def _hand_over_netns(conn: _socket.socket) -> None:
-    """A new interpreter's first answer (Agent.netns): a new network namespace, passed with it."""
-    from machined import jsonc, linux
-
-    try:
-        netns = linux.new_net_namespace()
-    except OSError as e:
-        reply = {"error": f"Failed to create a network namespace: {e.strerror}"}
-        conn.send(jsonc.dumps(reply).encode())
-        return
-    try:
-        conn.sendmsg([b"{}"], _rights(netns))
-    finally:
-        os.close(netns)
 
 
 def _rights(fd: int) -> list[tuple[int, int, bytes]]:

@@ -162,43 +162,74 @@ def _key(op: str, args: dict[str, Any]) -> str:
     # Also the code that builds the requests (netlink.py as installed: another machined builds others)
     # and the kernel's release (a replay is only ever sent to the kernel that acknowledged it).
     st = os.stat(os.path.join(os.path.dirname(__file__), "netlink.py"))
-    text = jsonc.dumps({"op": op, "args": args, "version": machined.__version__, "kernel": os.uname().release,
-                        "builder": [st.st_size, st.st_mtime_ns]}, sort_keys=True)
+    # (format 2: the file holds the arguments too, for attach_early)
+    text = jsonc.dumps({"op": op, "args": args, "format": 2, "version": machined.__version__,
+                        "kernel": os.uname().release, "builder": [st.st_size, st.st_mtime_ns]}, sort_keys=True)
     return machined.sha256(text.encode()).hex()
 
 
 def load(machine: str, op: str, args: dict[str, Any]) -> list[Step] | None:
     """The saved replay of op with args for machine, None if there is none for these args."""
     preloaded = _preloaded.pop((machine, op), None)
-    key, steps = preloaded if preloaded is not None else _read(machine, op)
+    key, _, steps = preloaded if preloaded is not None else _read(machine, op)
     return steps if key == _key(op, args) else None
 
 
-def preload(machine: str) -> None:
+def preload(machine: str, ops: tuple[str, ...] = netagent.REPLAYED) -> None:
     """In the helper, while it waits for its first request: machine's replays read now (each is
     taken once, by the first load of it: any later one reads what was saved since)."""
-    for op in netagent.REPLAYED:
+    for op in ops:
         _preloaded[(machine, op)] = _read(machine, op)
 
 
-_preloaded: dict[tuple[str, str], tuple[str, list[Step] | None]] = {}
+_preloaded: dict[tuple[str, str], tuple[str, dict[str, Any] | None, list[Step] | None]] = {}
 
 
-def _read(machine: str, op: str) -> tuple[str, list[Step] | None]:
-    """A saved replay's key and steps; ("", None) where there is none that could be sent."""
+def _read(machine: str, op: str) -> tuple[str, dict[str, Any] | None, list[Step] | None]:
+    """A saved replay's key, arguments and steps; ("", None, None) where there is none that could be sent."""
     try:
         saved = jsonc.load(paths.replay_path(machine, op))
         key = str(saved["key"])
+        args = saved.get("args")
         steps = [(str(ns), str(what), bytes.fromhex(data), [(int(o), str(f)) for o, f in fields])
                  for ns, what, data, fields in saved["steps"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "", None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "", None, None
     # (nothing is sent that would not fit: each field where a 32-bit value goes, of a known name)
     if all(ns in ("host", "machine") and len(data) >= HEADER.size and
            all(o % 4 == 0 and HEADER.size <= o <= len(data) - 4 and f in FIELDS for o, f in fields)
            for ns, _, data, fields in steps):
-        return key, steps
-    return "", None
+        return key, args if isinstance(args, dict) else None, steps
+    return "", None, None
+
+
+def attach_early(machine: str) -> tuple[int, dict[str, Any]] | None:
+    """mctl's first step for a detached start whose replays are saved (netagent.Early, a thread of
+    mctl's while it imports the rest): a new network namespace with the machine's veth pair in it,
+    made by the saved replay of attach_veth with the arguments it was saved with, which mctl later
+    compares with the machine's (netagent.Inline.adopt: a start whose settings changed since does
+    not use it). Returns the namespace's fd and those arguments; None where the replay cannot be
+    sent as it is (none saved, built by other code or for another kernel, the bridge not a kept one
+    that is up, the veth's name taken). Nothing outlives the fd: the links go with the namespace."""
+    key, args, steps = _read(machine, "attach_veth")
+    preload(machine, ("address_veth",))
+    if steps is None or args is None or key != _key("attach_veth", args) or args.get("machine") != machine:
+        return None
+    bridge, outer, kind = args.get("bridge"), args.get("outer"), args.get("kind")
+    if not isinstance(bridge, dict) or not isinstance(outer, str):
+        return None
+    master = bridge_index(str(bridge.get("name"))) if kind == "bridge" else None  # (as attach_veth)
+    if (kind == "bridge" and (master is None or not bridge.get("keep"))) or link_exists(outer):
+        return None
+    from machined import linux
+
+    netns = linux.new_net_namespace()
+    try:
+        run(steps, netns, outer, master)
+    except BaseException:
+        os.close(netns)
+        raise
+    return netns, args
 
 
 def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None:
@@ -206,7 +237,7 @@ def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None
     path = paths.replay_path(machine, op)
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        jsonc.save(path, {"key": _key(op, args),
+        jsonc.save(path, {"key": _key(op, args), "args": args,
                           "steps": [[ns, what, data.hex(), fields] for ns, what, data, fields in steps]})
     except OSError:
         pass

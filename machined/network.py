@@ -8,8 +8,10 @@ manager keeps: one per machine, bind-mounted read-only over the guest's /etc/hos
 own entries plus every running machine), and a managed block in the host's hosts file.
 
 The netlink work (machined.netops: replays of requests that machined.netlink built with pyroute2's
-message classes, or netlink itself) is done by the machine's network helper (machined.netagent),
-started as mctl starts, so that neither mctl nor the supervisor imports pyroute2. What a machine's
+message classes, or netlink itself) is done by the machine's network helper (machined.netagent):
+where its replays fit, a thread of mctl's that makes the veth pair first thing and then the
+supervisor itself (Inline), else a helper process, so that neither mctl nor the supervisor imports
+pyroute2. What a machine's
 network leaves on the host is recorded in its state under "network" and removed by teardown(),
 which is idempotent and also runs (in-process) after a supervisor was killed.
 """
@@ -56,7 +58,7 @@ class MachineNetwork:
     the machine that starts the pod, by that machine's prepare(), and owned by the pod."""
 
     def __init__(self, cfg: MachineConfig, rootfs: str) -> None:
-        self.agent: netagent.Agent | None = None
+        self.agent: netagent.Agent | netagent.Inline | None = None
         self.cfg = cfg
         self.name = cfg.name
         self.rootfs = rootfs
@@ -103,13 +105,18 @@ class MachineNetwork:
         if self.mode.kind == "none" or joining:
             netagent.discard()  # no links to make
         else:
-            self._helper()  # the one forked as mctl started, from now on this machine's
+            self._helper()  # what mctl chose as it started (Early's links, or a helper): this machine's
 
-    def _helper(self) -> netagent.Agent:
-        """The network helper, recorded: a killed supervisor's teardown waits for it."""
+    def _helper(self) -> netagent.Agent | netagent.Inline:
+        """The network helper, recorded (a process: a killed supervisor's teardown waits for it)."""
         if self.agent is None:
-            self.agent = netagent.take(self.name, self.mode.kind)
-            self.record["agent"] = state.proc_ref(self.agent.pid)
+            agent = netagent.take(self.name, self.mode.kind)
+            if isinstance(agent, netagent.Inline) and not agent.adopt(
+                    self._attach_args() if not self.pod and self.bridge is not None else None):
+                agent = netagent.Agent(self.name, self.mode.kind, replays=False)  # (netlink, at once)
+            self.agent = agent
+            if agent.pid is not None:
+                self.record["agent"] = state.proc_ref(agent.pid)
             if self.data:  # made by the supervisor (a pod that ended since check()): recorded at once
                 state.write(self.name, self.data)
         return self.agent
@@ -284,18 +291,20 @@ class MachineNetwork:
         self._ask_addresses()
         self._links_made()
 
+    def _attach_args(self) -> dict[str, Any]:
+        """attach_veth's arguments (but held) for a veth pair."""
+        assert self.bridge is not None
+        prefix, base = self._link_prefix(), self.pod or self.name
+        outer = host_ifname(prefix, base)
+        return {"machine": self.name, "bridge": self.bridge.to_json(), "kind": self.mode.kind, "outer": outer,
+                "altname": prefix + base if outer != prefix + base else "", "seed": self.mac_seed}
+
     def _ask_links(self, held: bool) -> None:
         """The request for a boot's links (for a veth pair, the host's side: addresses follow).
         held: we hold the network lock, which the helper takes otherwise where it needs it."""
         agent = self._helper()
         if self.mode.kind in ("bridge", "veth"):
-            br = self.bridge
-            outer = self.record["host_link"]
-            assert br is not None and isinstance(outer, str)
-            prefix, base = self._link_prefix(), self.pod or self.name
-            agent.send("attach_veth", self.netns, machine=self.name, bridge=br.to_json(), kind=self.mode.kind,
-                       outer=outer, altname=prefix + base if outer != prefix + base else "", seed=self.mac_seed,
-                       held=held)
+            agent.send("attach_veth", self.netns, **self._attach_args(), held=held)
         elif self.mode.kind == "interface":
             agent.send("move_in", self.netns, machine=self.name, link=self.mode.link)
         elif self.mode.kind == "macvlan":
@@ -544,7 +553,7 @@ def update_hosts(host_file: str, exclude: str = "") -> None:
 
 # --- teardown -------------------------------------------------------------------------------------
 
-def teardown(data: dict[str, object], agent: netagent.Agent | None = None) -> None:
+def teardown(data: dict[str, object], agent: netagent.Agent | netagent.Inline | None = None) -> None:
     """TEARDOWN step for the "network" key: idempotent, best effort, also after a supervisor crash.
     agent: the supervisor's network helper; without one (the supervisor was killed) the recorded
     helper is let finish first, and the links are removed here."""
@@ -582,7 +591,7 @@ def teardown(data: dict[str, object], agent: netagent.Agent | None = None) -> No
         update_hosts(hosts_file if isinstance(hosts_file, str) else "", exclude=name)
 
 
-def _remove_links(agent: netagent.Agent | None, link: str | None, bridge: str | None) -> None:
+def _remove_links(agent: netagent.Agent | netagent.Inline | None, link: str | None, bridge: str | None) -> None:
     if agent is not None:
         try:
             agent.request("teardown_links", link=link, bridge=bridge)

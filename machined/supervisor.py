@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 LOG_MAX = 1 << 20
 DEADLOCK_GRACE = 0.1  # seconds init must stay deadlocked (inits.deadlocked) before it is killed
+AFTER_BOOT_DELAY = 0.1  # seconds from a boot's report of ready to its network's after_boot()
 
 
 class Poller:
@@ -159,6 +160,7 @@ class Supervisor:
         self.pending_signals: list[int] = []
         self.stopping = False
         self.kill_deadline: float | None = None
+        self.after_boot_at: float | None = None
         self.asking: int | None = None  # a signal for init that it does not take yet
         self.watch_deadlock = False  # a stopping init that may deadlock (inits.SOLITARY)
         self.deadlocked_since: float | None = None  # when it was first seen deadlocked
@@ -185,8 +187,9 @@ class Supervisor:
                     self.unit.register(self.child.pid, self.data.get("interfaces"))
                 self._write_state()
                 self._report_ready()
-                if self.net is not None and (why := self.net.after_boot()):
-                    self._log(f"\r\n[machined: {why}]\r\n".encode())
+                # The network's steps once the machine runs: a moment later, when mctl has returned,
+                # not on the way of its exit (they take a few ms of CPU, and the machine boots meanwhile).
+                self.after_boot_at = time.monotonic() + AFTER_BOOT_DELAY if self.net is not None else None
                 if not gc.isenabled():  # (mctl's start-up path runs without collections)
                     gc.freeze()  # what start-up made lives as long as we do: never to be scanned
                     gc.enable()
@@ -233,7 +236,7 @@ class Supervisor:
             self.data["ephemeral"] = self.plan.ephemeral  # recorded before the first boot makes it
         if self.unit is not None:  # its device policy and limits are the scope's properties
             helper = self.plan.network.agent if self.plan.network is not None else None
-            self.cgroup = self.unit.create(self.data, (helper.pid,) if helper is not None else ())
+            self.cgroup = self.unit.create(self.data, (helper.pid,) if helper is not None and helper.pid else ())
             self.data["cgroup"] = self.cgroup.to_state()
         elif self.plan.hotplug:  # its watcher brings the cgroup in line before the first boot
             self._make_cgroup()
@@ -384,6 +387,9 @@ class Supervisor:
                 timeout = None
                 if self.kill_deadline is not None:
                     timeout = max(0.0, self.kill_deadline - time.monotonic())
+                if self.after_boot_at is not None:
+                    due = max(0.0, self.after_boot_at - time.monotonic())
+                    timeout = min(due, timeout) if timeout is not None else due
                 if self.asking is not None or self.watch_deadlock:
                     timeout = min(timeout if timeout is not None else 0.01, 0.01)
                 for what in self.sel.select(timeout):
@@ -408,12 +414,19 @@ class Supervisor:
                     self._ask_init(self.asking)
                 if self.watch_deadlock:
                     self._check_deadlock()
+                if self.after_boot_at is not None and time.monotonic() >= self.after_boot_at:
+                    self._after_boot()
                 if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
                     self._log(b"\r\n[machined: timeout, killing the machine]\r\n")
                     self._signal_leader(signals.SIGKILL)
                     self.kill_deadline = None
         finally:
             self.sel.unregister(self.child.pidfd)
+
+    def _after_boot(self) -> None:
+        self.after_boot_at = None
+        if self.net is not None and not self.stopping and (why := self.net.after_boot()):
+            self._log(f"\r\n[machined: {why}]\r\n".encode())
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.pending_signals.append(signum)

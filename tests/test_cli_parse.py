@@ -203,13 +203,13 @@ def test_quick_parse_does_not_import_argparse() -> None:
     assert r.stdout.split() == ["True", "False"], r.stdout + r.stderr
 
 
-def _helper_decision(args: dict[str, Any]) -> tuple[str, str | None, bool] | tuple[()]:
+def _helper_decision(args: dict[str, Any]) -> tuple[str, str | None] | tuple[()]:
     """What cli._get_ready gives netagent.prefork for parsed args (() where it forks no helper)."""
     start = args["verb"] == "start"
     names = args["names"] if start else [args["name"]] if args["name"] and not args["directory"] else []
     if not names or (start and len(names) > 1):
         return ()
-    return names[0], args.get("network"), start and not args["foreground"]
+    return names[0], args.get("network")
 
 
 def check_scan(argv: list[str]) -> bool:
@@ -257,7 +257,7 @@ def test_mctl_forks_the_network_helper_before_it_imports_its_parser() -> None:
             "import machined.__main__")
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
-    assert out.strip() == "[('m', 'bridge:b', True)]"
+    assert out.strip() == "[('m', 'bridge:b')]"
 
 
 @pytest.mark.root

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MCTL, Env, _comm, processes
+from tests.conftest import MCTL, Env, _comm, free_subnet, host_config, processes
 from tests.test_bad_input import assert_clean_error
-from tests.test_network import host_network, links, state
+from tests.test_network import host_network, links, sh, state
 from tests.test_teardown import _wait as wait
 
 COMM = "machined-net"
@@ -67,80 +67,18 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
 
 
 @pytest.mark.root
-def test_a_replayed_machines_helper_makes_its_first_network_namespace(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """For a detached start of a machine with replays, the helper makes a network namespace first
-    thing, off the supervisor's way, and keeps none: netns() takes it where it is there already,
-    else makes one itself, and the helper's, once read, is the next boot's. None is made for a
-    start in mctl's process (run), nor by a forked helper (no replays: it imports pyroute2 first)."""
-    import fcntl
-    import select
-
-    from machined import netagent
-
-    monkeypatch.setenv("MACHINED_RUNTIME_DIR", str(tmp_path))
-    (tmp_path / "network" / "replays").mkdir(parents=True)
-    for path in netagent.replay_paths("m1"):
-        Path(path).write_text("{}")
-    own = os.readlink("/proc/self/ns/net")
-    before = sorted(os.listdir("/proc/self/fd"))
-
-    def namespaces(pid: object) -> list[str]:
-        fds = Path(f"/proc/{pid}/fd")
-        return [link for f in os.listdir(fds) if (link := os.readlink(fds / f)).startswith("net:")]
-
-    def new_namespace(fd: int) -> str:
-        """(closing fd: a new namespace, that no child of ours would inherit)"""
-        link = os.readlink(f"/proc/self/fd/{fd}")
-        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-        os.close(fd)
-        assert link.startswith("net:[") and link != own
-        return link
-
-    agent = netagent.Agent("m1", "bridge", netns=True)
-    try:
-        assert (agent.netns_due, agent.unread) == (True, 1)
-        assert wait(lambda: select.select([agent.fd], [], [], 0)[0])
-        new_namespace(agent.netns())
-        assert (agent.netns_due, agent.unread, agent.spare) == (False, 0, -1)
-        assert wait(lambda: namespaces(agent.pid) == [])
-    finally:
-        agent.close()
-    for early in (True, False):  # asked for before the helper's came, or not at all (a pod's)
-        agent = netagent.Agent("m1", "bridge", netns=True)
-        try:
-            if early:
-                new_namespace(agent.netns())
-            assert agent.netns_due
-            assert agent.request("teardown_links", link=None, bridge=None) is None  # (read first)
-            assert (agent.netns_due, agent.unread) == (False, 0) and agent.spare >= 0
-            if early:
-                new_namespace(agent.netns())  # the reboot's
-                assert agent.spare == -1
-        finally:
-            agent.close()
-    assert sorted(os.listdir("/proc/self/fd")) == before  # (a spare one closed with the agent)
-    for agent in (netagent.Agent("m1", "bridge"), netagent.Agent("m2", "bridge", netns=True)):
-        try:
-            assert (agent.netns_due, agent.unread) == (False, 0)
-            new_namespace(agent.netns())
-        finally:
-            agent.close()
-
-
-@pytest.mark.root
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
-    """The first start's helper is forked (it loads pyroute2 at once); a later one, with the
-    machine's replays saved, is a new interpreter (netops): either holds nothing of mctl's."""
+    """A bridged machine's helper is forked (it loads pyroute2 at once: the test bridges are not
+    kept, so its replays do not apply) and holds nothing of mctl's."""
     name = env.name()
     env.ok("create", name, "--template", "busybox")
-    for forked in (True, False):
+    for _ in range(2):  # (the second start with the machine's replays saved)
         env.ok("start", name)
         data = state(env, name)
         [pid] = helpers(name)
         assert data["network"]["agent"]["pid"] == int(pid)  # type: ignore[index]
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert (b"-I" not in argv) == forked and (b"netagent.main()" in b" ".join(argv)) != forked, argv
+        assert b"-I" not in argv and b"netagent.main()" not in b" ".join(argv), argv
         assert [_fds(pid)[fd] for fd in ("0", "1", "2")] == ["/dev/null"] * 3, _fds(pid)
         # Its socket to the supervisor: no lock, no file, no pipe of mctl's caller. (Once it is idle:
         # as the machine runs, it renews the bridge's table, under the network lock, for a moment.)
@@ -151,6 +89,64 @@ def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> N
         assert not maps_asyncio(pid) and not maps_asyncio(data["supervisor"]["pid"])  # type: ignore[index]
         env.ok("poweroff", name)
         assert helpers(name) == [] and _comm(pid) == ""
+
+
+@pytest.mark.root
+def test_a_kept_bridges_machine_starts_on_links_that_mctl_made_first_thing(env: Env) -> None:
+    """On a kept bridge, once a start saved the machine's replays: the next start's veth pair is made
+    by a thread of mctl's as it starts (netagent.Early), the rest by the supervisor (Inline), a
+    reboot's too; no helper process. What Early made goes with mctl if it dies, and is not used
+    where the machine's settings changed since (a helper makes the links then)."""
+    bridge, subnet = env.ifname("k"), free_subnet()
+    conf = env.config / "machined.conf"
+    base = conf.read_text()
+
+    def kept(nat: bool) -> None:
+        conf.write_text(host_config(bridge, subnet).replace("keep = false", "keep = true")
+                        .replace("nat = false", f"nat = {str(nat).lower()}"))
+
+    name = env.name()
+    outer = f"vb-{name}"[:15]
+    try:
+        kept(nat=False)
+        env.ok("create", name, "--template", "busybox")
+        env.ok("start", name)  # (the first: a helper builds and saves the replays)
+        assert len(helpers(name)) == 1
+        env.ok("poweroff", name)
+        env.ok("start", name)
+        leader = None
+        for _ in range(2):  # the start's links, and a reboot's, which the supervisor makes itself
+            if leader is not None:
+                env.ok("reboot", name, timeout=30)
+                assert wait(lambda old=leader: state(env, name).get("leader") not in (None, old), timeout=30)
+            data = state(env, name)
+            leader = data["leader"]
+            assert helpers(name) == [] and "agent" not in data["network"]  # type: ignore[operator]
+            address = data["addresses"][0]  # type: ignore[index]
+            assert f"inet {address}/" in env.ok("shell", name, "--", "ip", "addr", "show", "host0")
+            assert "default via" in env.ok("shell", name, "--", "ip", "route")
+            assert outer in sh("ip", "-o", "link", "show", "master", bridge)
+        env.ok("poweroff", name)
+        assert wait(lambda: outer not in links())
+        # mctl killed once Early made the links: they go with it (with its network namespace).
+        code = (f"import os; from machined import netagent; e = netagent.Early({name!r}); "
+                f"print(e.result() is not None, {outer!r} in os.listdir('/sys/class/net'), flush=True); "
+                "os.kill(os.getpid(), 9)")
+        r = subprocess.run([sys.executable, "-c", code], env=env.environ(), capture_output=True, text=True)
+        assert r.stdout.split() == ["True", "True"], (r.stdout, r.stderr)
+        assert wait(lambda: outer not in links())
+        # The bridge's settings changed since the replays were saved: Early's links are not taken.
+        kept(nat=True)
+        env.ok("start", name)
+        assert len(helpers(name)) == 1 and address in env.ok("shell", name, "--", "ip", "addr", "show", "host0")
+        assert outer in sh("ip", "-o", "link", "show", "master", bridge)
+        env.ok("poweroff", name)
+        assert wait(lambda: outer not in links())
+    finally:
+        env.mctl("terminate", name)
+        conf.write_text(base)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "inet", f"machined-{bridge}"], capture_output=True)
 
 
 @pytest.mark.root
