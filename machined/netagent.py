@@ -239,7 +239,7 @@ class Early:
         import _thread
 
         import machined
-        from machined import linux, netops  # noqa: F401
+        from machined import linux, netops, state  # noqa: F401
 
         # Everything the thread uses is imported here: a module that a thread is importing as mctl
         # forks (the D-Bus agent, say) would stay locked in the child.
@@ -294,7 +294,8 @@ class Inline:
         closed, and False returned: the replays do not fit the start, which takes a helper."""
         early, self.early = self.early, None
         made = early.result() if early is not None else None
-        if made is not None and attach is not None and made[1] == attach:
+        if made is not None and attach is not None and made[1] == attach \
+                and os.path.exists(f"/sys/class/net/{attach['outer']}"):  # (still there: it goes only with us)
             self.adopted = made
             return True
         if made is not None:

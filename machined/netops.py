@@ -210,14 +210,20 @@ def attach_early(machine: str) -> tuple[int, dict[str, Any]] | None:
     compares with the machine's (netagent.Inline.adopt: a start whose settings changed since does
     not use it). Returns the namespace's fd and those arguments; None where the replay cannot be
     sent as it is (none saved, built by other code or for another kernel, the bridge not a kept one
-    that is up, the veth's name taken). Nothing outlives the fd: the links go with the namespace."""
+    that is up, the veth's name taken, or a state of the machine's: it runs, or the cleanup after its
+    killed supervisor, which mctl does in a moment, removes its links by name). Nothing outlives the
+    fd: the links go with the namespace."""
+    from machined import state
+
+    if os.path.exists(state.state_path(machine)):
+        return None
     key, args, steps = _read(machine, "attach_veth")
     preload(machine, ("address_veth",))
     if steps is None or args is None or key != _key("attach_veth", args) or args.get("machine") != machine:
         return None
     bridge, outer, kind = args.get("bridge"), args.get("outer"), args.get("kind")
-    if not isinstance(bridge, dict) or not isinstance(outer, str):
-        return None
+    if not isinstance(bridge, dict) or not isinstance(outer, str) or outer.startswith("vp-"):
+        return None  # (a pod's links are made in the pod's namespace: never adopted)
     master = bridge_index(str(bridge.get("name"))) if kind == "bridge" else None  # (as attach_veth)
     if (kind == "bridge" and (master is None or not bridge.get("keep"))) or link_exists(outer):
         return None
