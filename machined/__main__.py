@@ -13,7 +13,7 @@ if sys.argv[1:2] in (["run"], ["start"]):
     prewarm.start()
     from machined import netagent
 
-    netagent.prefork_early(sys.argv[1:])  # (its helper starts 2 ms sooner than the parser could say)
+    netagent.prefork_early(sys.argv[1:])  # (links or helper ~2 ms sooner than the parser could say)
 from machined.cli import run  # (after the prewarm on purpose)
 
 run()

@@ -12,8 +12,8 @@ from the command line and the machine's settings file, before mctl imports its p
   The supervisor asks it for each netlink step (OPS: functions of machined.netops), handing over
   the machine's network namespace as an fd: one JSON message per request and per reply on a socket
   pair (SOCK_SEQPACKET, SCM_RIGHTS). Requests may follow each other before their answers are read;
-  the helper answers them in order. (A helper for a machine with replays, which a test or a caller
-  may still make, is a new interpreter that loads little.)
+  the helper answers them in order. (Where mctl decided nothing first, as for a start of several
+  machines, a machine with replays gets a helper that is a new interpreter and loads little.)
 
 The helper holds nothing of mctl's (no lock, no standard streams, no other descriptor), runs in a
 session of its own and ignores terminal and stop signals: it ends when its socket does, when the
@@ -229,7 +229,7 @@ class Agent:
 
 
 class Early:
-    """A thread of mctl's that makes a detached start's network namespace and veth pair first thing
+    """A thread of mctl's that makes a start's network namespace and veth pair first thing
     (netops.attach_early), while mctl imports and plans the rest: the kernel takes 2-5 ms to make a
     veth pair, which a helper process would start on only after its own ~15 ms start. The thread's
     Python is a few hundred microseconds; the kernel's work releases the GIL."""
@@ -271,7 +271,7 @@ class Early:
 
 
 class Inline:
-    """The network helper of a detached start whose links were made by Early: its steps are done
+    """The network helper of a start whose links were made by Early: its steps are done
     by the supervisor itself, each when its answer is taken (receive), which spawn does while the
     machine's child builds its root. The first boot's veth pair is Early's, where its arguments are
     the machine's (adopt); what is left of that boot is host0's addresses and routes, a few

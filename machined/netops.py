@@ -204,7 +204,7 @@ def _read(machine: str, op: str) -> tuple[str, dict[str, Any] | None, list[Step]
 
 
 def attach_early(machine: str) -> tuple[int, dict[str, Any]] | None:
-    """mctl's first step for a detached start whose replays are saved (netagent.Early, a thread of
+    """mctl's first step for a start whose replays are saved (netagent.Early, a thread of
     mctl's while it imports the rest): a new network namespace with the machine's veth pair in it,
     made by the saved replay of attach_veth with the arguments it was saved with, which mctl later
     compares with the machine's (netagent.Inline.adopt: a start whose settings changed since does

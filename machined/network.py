@@ -11,9 +11,8 @@ The netlink work (machined.netops: replays of requests that machined.netlink bui
 message classes, or netlink itself) is done by the machine's network helper (machined.netagent):
 where its replays fit, a thread of mctl's that makes the veth pair first thing and then the
 supervisor itself (Inline), else a helper process, so that neither mctl nor the supervisor imports
-pyroute2. What a machine's
-network leaves on the host is recorded in its state under "network" and removed by teardown(),
-which is idempotent and also runs (in-process) after a supervisor was killed.
+pyroute2. What a machine's network leaves on the host is recorded in its state under "network" and
+removed by teardown(), which is idempotent and also runs (in-process) after a supervisor was killed.
 """
 
 from __future__ import annotations
