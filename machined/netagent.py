@@ -234,7 +234,8 @@ class Early:
     veth pair, which a helper process would start on only after its own ~15 ms start. The thread's
     Python is a few hundred microseconds; the kernel's work releases the GIL."""
 
-    def __init__(self, machine: str) -> None:
+    def __init__(self, machine: str, mode: str) -> None:
+        """mode: the machine's network mode, as given or set (a replay for another is not sent)."""
         import _socket  # noqa: F401
         import _thread
 
@@ -251,13 +252,13 @@ class Early:
         # interval it may wait 5 ms for mctl's imports each time.
         self.interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0001)
-        _thread.start_new_thread(self._run, (machine,))
+        _thread.start_new_thread(self._run, (machine, mode))
 
-    def _run(self, machine: str) -> None:
+    def _run(self, machine: str, mode: str) -> None:
         try:
             from machined import netops
 
-            self.value = netops.attach_early(machine)
+            self.value = netops.attach_early(machine, mode)
         except Exception:  # noqa: BLE001 - best effort: the start makes the links as it would have
             pass
         finally:
@@ -383,9 +384,12 @@ def prefork(name: str, mode: str | None) -> None:
     if _decided:
         return
     _decided = True
-    kind = (mode if mode is not None else _configured_mode(name)).partition(":")[0]
-    if kind in LINK_MODES:
-        _preforked = Inline(name, Early(name)) if kind in REPLAYED_MODES and replayable(name) else Agent(name, kind)
+    mode = mode if mode is not None else _configured_mode(name)
+    kind = mode.partition(":")[0]
+    if kind in REPLAYED_MODES and replayable(name):
+        _preforked = Inline(name, Early(name, mode))
+    elif kind in LINK_MODES:
+        _preforked = Agent(name, kind)
 
 
 _decided = False

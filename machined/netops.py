@@ -203,14 +203,15 @@ def _read(machine: str, op: str) -> tuple[str, dict[str, Any] | None, list[Step]
     return "", None, None
 
 
-def attach_early(machine: str) -> tuple[int, dict[str, Any]] | None:
+def attach_early(machine: str, mode: str) -> tuple[int, dict[str, Any]] | None:
     """mctl's first step for a start whose replays are saved (netagent.Early, a thread of
     mctl's while it imports the rest): a new network namespace with the machine's veth pair in it,
     made by the saved replay of attach_veth with the arguments it was saved with, which mctl later
     compares with the machine's (netagent.Inline.adopt: a start whose settings changed since does
     not use it). Returns the namespace's fd and those arguments; None where the replay cannot be
-    sent as it is (none saved, built by other code or for another kernel, the bridge not a kept one
-    that is up, the veth's name taken, or a state of the machine's: it runs, or the cleanup after its
+    sent as it is (none saved, built by other code or for another kernel or another network mode
+    (as given or set: bridge[:NAME] or veth), the bridge not a kept one that is up, the veth's name
+    taken, or a state of the machine's: it runs, or the cleanup after its
     killed supervisor, which mctl does in a moment, removes its links by name). Nothing outlives the
     fd: the links go with the namespace."""
     from machined import state
@@ -224,6 +225,9 @@ def attach_early(machine: str) -> tuple[int, dict[str, Any]] | None:
     bridge, outer, kind = args.get("bridge"), args.get("outer"), args.get("kind")
     if not isinstance(bridge, dict) or not isinstance(outer, str) or outer.startswith("vp-"):
         return None  # (a pod's links are made in the pod's namespace: never adopted)
+    want, _, link = mode.partition(":")
+    if kind != want or (link and bridge.get("name") != link):
+        return None
     master = bridge_index(str(bridge.get("name"))) if kind == "bridge" else None  # (as attach_veth)
     if (kind == "bridge" and (master is None or not bridge.get("keep"))) or link_exists(outer):
         return None

@@ -136,11 +136,17 @@ def test_a_kept_bridges_machine_starts_on_links_that_mctl_made_first_thing(env: 
         env.ok("poweroff", name)
         assert wait(lambda: outer not in links())
         # mctl killed once Early made the links: they go with it (with its network namespace).
-        code = (f"import os; from machined import netagent; e = netagent.Early({name!r}); "
+        code = (f"import os; from machined import netagent; e = netagent.Early({name!r}, 'bridge:{bridge}'); "
                 f"print(e.result() is not None, {outer!r} in os.listdir('/sys/class/net'), flush=True); "
                 "os.kill(os.getpid(), 9)")
         r = subprocess.run([sys.executable, "-c", code], env=env.environ(), capture_output=True, text=True)
         assert r.stdout.split() == ["True", "True"], (r.stdout, r.stderr)
+        assert wait(lambda: outer not in links())
+        # Nor is its replay sent for another mode than the one given or set (another bridge, say).
+        for mode in ("veth", "bridge:other0", "bridge"):
+            code = f"from machined import netops; r = netops.attach_early({name!r}, {mode!r}); print(r is None)"
+            r = subprocess.run([sys.executable, "-c", code], env=env.environ(), capture_output=True, text=True)
+            assert r.stdout.split() == [str(mode != "bridge")], (mode, r.stdout, r.stderr)
         assert wait(lambda: outer not in links())
         # The bridge's settings changed since the replays were saved: Early's links are not taken.
         kept(nat=True)
