@@ -110,7 +110,7 @@ class Store(Lock):
         for key, entry in list(leases.items()):
             if entry.get("owner") == owner and entry.get("pool") == br.name:
                 del leases[key]  # our own earlier lease (a reboot, a crash): choose again, the same way
-        taken = {e["addr"] for e in leases.values() if e.get("pool") == br.name}
+        taken = {e.get("addr") for e in leases.values() if e.get("pool") == br.name}  # (as str(Address) wrote them)
         reserved = {br.subnet.network_address, br.subnet.broadcast_address, br.gateway}
         if fixed:
             addr = Address.parse(fixed)
