@@ -91,6 +91,12 @@ def test_leases_stable_unique_and_released(tmp_path: Path, monkeypatch: pytest.M
     with ipam.Store() as s:
         s.lease(br, "ghost", {"pid": 1 << 22, "start": 1}, "seed-g")
     assert "ghost" not in str(ipam.peek())
+    # A damaged entry (no address) of a live owner takes no address and stops no lease.
+    with ipam.Store() as s:
+        s.data["leases"]["odd"] = {"pool": br.name, "owner": "odd", "ref": me}
+        s.dirty = True
+    with ipam.Store() as s:
+        assert s.lease(br, "m4", me, "seed-1") not in (first, br.gateway)
 
 
 def test_concurrent_leases_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
