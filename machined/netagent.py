@@ -293,10 +293,12 @@ class Inline:
         """mctl, as it plans the start: Early's namespace is the first boot's where Early made it
         with these arguments of attach_veth (None: the start needs it not, as a pod's); else it is
         closed, and False returned: the replays do not fit the start, which takes a helper."""
+        from machined import netops
+
         early, self.early = self.early, None
         made = early.result() if early is not None else None
         if made is not None and attach is not None and made[1] == attach \
-                and os.path.exists(f"/sys/class/net/{attach['outer']}"):  # (still there: it goes only with us)
+                and netops.link_exists(attach["outer"]):  # (still there: it goes only with us)
             self.adopted = made
             return True
         if made is not None:

@@ -59,8 +59,8 @@ def attach_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, out
     boot's veth is gone."""
     args = {"machine": machine, "bridge": bridge, "kind": kind, "outer": outer, "altname": altname, "seed": seed}
     steps = load(machine, "attach_veth", args)
-    master = bridge_index(bridge["name"]) if kind == "bridge" else None
-    if steps is None or (kind == "bridge" and (master is None or not bridge["keep"])) or link_exists(outer):
+    fits, master = _attachable(bridge, kind, outer)
+    if steps is None or not fits:
         from machined import netlink
 
         netlink.attach_veth(netns, args, held)
@@ -80,6 +80,13 @@ def address_veth(netns: int, machine: str, bridge: dict[str, Any], kind: str, ou
         return netlink.address_veth(netns, args)
     run(steps, netns, outer)
     return ifindex(outer)
+
+
+def _attachable(bridge: dict[str, Any], kind: str, outer: str) -> tuple[bool, int | None]:
+    """Whether attach_veth's replay can be sent as it is (for a bridge: a kept one that is up; no
+    link of outer's name in the way), and the bridge's index."""
+    master = bridge_index(str(bridge.get("name"))) if kind == "bridge" else None
+    return not ((kind == "bridge" and (master is None or not bridge.get("keep"))) or link_exists(outer)), master
 
 
 def renew_bridge(bridge: dict[str, Any], held: bool) -> None:
@@ -210,16 +217,14 @@ def attach_early(machine: str, mode: str) -> tuple[int, dict[str, Any]] | None:
     compares with the machine's (netagent.Inline.adopt: a start whose settings changed since does
     not use it). Returns the namespace's fd and those arguments; None where the replay cannot be
     sent as it is (none saved, built by other code or for another kernel or another network mode
-    (as given or set: bridge[:NAME] or veth), the bridge not a kept one that is up, the veth's name
-    taken, or a state of the machine's: it runs, or the cleanup after its
-    killed supervisor, which mctl does in a moment, removes its links by name). Nothing outlives the
-    fd: the links go with the namespace."""
+    (as given or set: bridge[:NAME] or veth), not _attachable, or a state of the machine's: it runs,
+    or the cleanup after its killed supervisor, which mctl does in a moment, removes its links by
+    name). Nothing outlives the fd: the links go with the namespace."""
     from machined import state
 
     if os.path.exists(state.state_path(machine)):
         return None
     key, args, steps = _read(machine, "attach_veth")
-    preload(machine, ("address_veth",))
     if steps is None or args is None or key != _key("attach_veth", args) or args.get("machine") != machine:
         return None
     bridge, outer, kind = args.get("bridge"), args.get("outer"), args.get("kind")
@@ -228,9 +233,10 @@ def attach_early(machine: str, mode: str) -> tuple[int, dict[str, Any]] | None:
     want, _, link = mode.partition(":")
     if kind != want or (link and bridge.get("name") != link):
         return None
-    master = bridge_index(str(bridge.get("name"))) if kind == "bridge" else None  # (as attach_veth)
-    if (kind == "bridge" and (master is None or not bridge.get("keep"))) or link_exists(outer):
+    fits, master = _attachable(bridge, str(kind), outer)
+    if not fits:
         return None
+    preload(machine, ("address_veth",))  # (what the supervisor sends next, read here meanwhile)
     from machined import linux
 
     netns = linux.new_net_namespace()
