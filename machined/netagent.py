@@ -230,36 +230,44 @@ class Agent:
 
 class Early:
     """A thread of mctl's that makes a start's network namespace and veth pair first thing
-    (netops.attach_early), while mctl imports and plans the rest: the kernel takes 2-5 ms to make a
-    veth pair, which a helper process would start on only after its own ~15 ms start. The thread's
-    Python is a few hundred microseconds; the kernel's work releases the GIL."""
+    (netops.attach_here), while mctl imports and plans the rest: the kernel takes 2-5 ms to make
+    them, which a helper process would start on only after its own ~15 ms start. Whether the saved
+    replay fits is found out here, before the thread: each system call of a thread ends with a wait
+    for the GIL, and each such turn costs mctl's imports a handover on another CPU (~50 us here). So
+    the thread's only calls are the namespace's and the request's, whose kernel work is what runs
+    meanwhile."""
 
     def __init__(self, machine: str, mode: str) -> None:
         """mode: the machine's network mode, as given or set (a replay for another is not sent)."""
-        import _socket  # noqa: F401
         import _thread
 
-        import machined
-        from machined import linux, netops, state  # noqa: F401
+        # (everything the thread uses imported first: a module that a thread is importing as mctl
+        # forks, the D-Bus agent say, would stay locked in the child)
+        from machined import linux, netops  # noqa: F401
 
-        # Everything the thread uses is imported here: a module that a thread is importing as mctl
-        # forks (the D-Bus agent, say) would stay locked in the child.
-        machined.sha256(b"")  # (its first call imports _sha256)
         self.done = _thread.allocate_lock()
-        self.done.acquire()
         self.value: tuple[int, dict[str, Any]] | None = None
-        # The thread asks for the GIL after each of its few dozen system calls: at the default
-        # interval it may wait 5 ms for mctl's imports each time.
+        self.host: Any = None  # the thread's netlink socket in the host's namespace
+        try:
+            plan = netops.early_plan(machine, mode)
+            if plan is None:
+                return
+            self.host = netops.rtnl_socket()
+        except Exception:  # noqa: BLE001 - best effort: the start makes the links as it would have
+            return
+        self.done.acquire()
+        # The thread asks for the GIL after each of its system calls: at the default interval it
+        # may wait 5 ms for mctl's imports each time.
         self.interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0001)
-        _thread.start_new_thread(self._run, (machine, mode))
+        _thread.start_new_thread(self._run, (plan, machine))
 
-    def _run(self, machine: str, mode: str) -> None:
+    def _run(self, plan: tuple[dict[str, Any], list[Any], int | None], machine: str) -> None:
         try:
             from machined import netops
 
-            self.value = netops.attach_early(machine, mode)
-        except Exception:  # noqa: BLE001 - best effort: the start makes the links as it would have
+            self.value = netops.attach_here(plan, self.host), plan[0]
+        except Exception:  # noqa: BLE001 - as above
             pass
         finally:
             sys.setswitchinterval(self.interval)
@@ -268,6 +276,9 @@ class Early:
     def result(self) -> tuple[int, dict[str, Any]] | None:
         """Once the thread is done (mctl takes it before it forks the supervisor)."""
         with self.done:
+            if self.host is not None:
+                self.host.close()
+                self.host = None
             return self.value
 
 

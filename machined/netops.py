@@ -169,7 +169,7 @@ def _key(op: str, args: dict[str, Any]) -> str:
     # Also the code that builds the requests (netlink.py as installed: another machined builds others)
     # and the kernel's release (a replay is only ever sent to the kernel that acknowledged it).
     st = os.stat(os.path.join(os.path.dirname(__file__), "netlink.py"))
-    # (format 2: the file holds the arguments too, for attach_early)
+    # (format 2: the file holds the arguments too, for early_plan)
     text = jsonc.dumps({"op": op, "args": args, "format": 2, "version": machined.__version__,
                         "kernel": os.uname().release, "builder": [st.st_size, st.st_mtime_ns]}, sort_keys=True)
     return machined.sha256(text.encode()).hex()
@@ -210,16 +210,14 @@ def _read(machine: str, op: str) -> tuple[str, dict[str, Any] | None, list[Step]
     return "", None, None
 
 
-def attach_early(machine: str, mode: str) -> tuple[int, dict[str, Any]] | None:
-    """mctl's first step for a start whose replays are saved (netagent.Early, a thread of
-    mctl's while it imports the rest): a new network namespace with the machine's veth pair in it,
-    made by the saved replay of attach_veth with the arguments it was saved with, which mctl later
-    compares with the machine's (netagent.Inline.adopt: a start whose settings changed since does
-    not use it). Returns the namespace's fd and those arguments; None where the replay cannot be
-    sent as it is (none saved, built by other code or for another kernel or another network mode
-    (as given or set: bridge[:NAME] or veth), not _attachable, or a state of the machine's: it runs,
-    or the cleanup after its killed supervisor, which mctl does in a moment, removes its links by
-    name). Nothing outlives the fd: the links go with the namespace."""
+def early_plan(machine: str, mode: str) -> tuple[dict[str, Any], list[Step], int | None] | None:
+    """mctl's first step for a start whose replays are saved (netagent.Early, before its thread):
+    the saved replay of attach_veth, the arguments it was saved with (which mctl later compares with
+    the machine's: netagent.Inline.adopt) and the bridge's index, for attach_here(). None where the
+    replay cannot be sent as it is: none saved, built by other code or for another kernel or another
+    network mode (as given or set: bridge[:NAME] or veth), not _attachable, or a state of the
+    machine's (it runs, or the cleanup after its killed supervisor, which mctl does in a moment,
+    removes its links by name)."""
     from machined import state
 
     if os.path.exists(state.state_path(machine)):
@@ -237,15 +235,26 @@ def attach_early(machine: str, mode: str) -> tuple[int, dict[str, Any]] | None:
     if not fits:
         return None
     preload(machine, ("address_veth",))  # (what the supervisor sends next, read here meanwhile)
+    return args, steps, master
+
+
+def attach_here(plan: tuple[dict[str, Any], list[Step], int | None], host: _socket.socket) -> int:
+    """Early's thread, which ends right after: early_plan()'s veth pair, in a new network namespace
+    that the calling thread enters for good (one system call less than coming back); host: a route
+    netlink socket made in the host's namespace. Returns the namespace's fd; nothing outlives it:
+    the links go with the namespace. The main thread did everything else before, so that this
+    thread, whose every system call ends with a wait for the GIL, makes as few as it can."""
     from machined import linux
 
-    netns = linux.new_net_namespace()
+    args, steps, master = plan
+    linux.unshare(linux.CLONE_NEWNET)
+    netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        run(steps, netns, outer, master)
+        run(steps, netns, args["outer"], master, {"host": host})
     except BaseException:
         os.close(netns)
         raise
-    return netns, args
+    return netns
 
 
 def save(machine: str, op: str, args: dict[str, Any], steps: list[Step]) -> None:
@@ -278,9 +287,11 @@ def same(a: list[Step], b: list[Step]) -> bool:
     return len(a) == len(b) and all(masked(x) == masked(y) for x, y in zip(a, b, strict=True))
 
 
-def run(steps: list[Step], netns: int, outer: str, master: int | None = None) -> None:
+def run(steps: list[Step], netns: int, outer: str, master: int | None = None,
+        given: dict[str, _socket.socket] | None = None) -> None:
     """Send a replay's requests in order, each once the last was acknowledged; NetlinkError for an
-    error reply (a MachinedError "Failed to <what>" where the step says what)."""
+    error reply (a MachinedError "Failed to <what>" where the step says what). given: sockets by
+    namespace, the caller's to close."""
     lookups: dict[str, Callable[[], int]] = {
         "netns": lambda: netns, "master": lambda: master if master is not None else -1,
         "outer": lambda: ifindex(outer), "host0": lambda: _index_in(netns, "host0")}
@@ -289,7 +300,7 @@ def run(steps: list[Step], netns: int, outer: str, master: int | None = None) ->
     try:
         for seq, step in enumerate(steps, 1):
             ns, what, _, fields = step
-            sock = socks.get(ns)
+            sock = (given or {}).get(ns) or socks.get(ns)
             if sock is None:
                 sock = socks[ns] = rtnl_socket(netns if ns == "machine" else -1)
             for _, field in fields:

@@ -21,7 +21,7 @@ import errno
 import os
 
 import machined
-from machined import inet, ipam, linux, mounts, netagent, netconfig, paths, pods, state
+from machined import linux, mounts, netagent, netconfig, paths, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from machined import inet, ipam
     from machined.config import MachineConfig
     from machined.netconfig import Bridge, HostNetwork
 
@@ -80,18 +81,32 @@ class MachineNetwork:
 
     def check(self) -> None:
         """Refuse what cannot work, touching nothing (the locked allocation in prepare() checks again)."""
+        # (ipam, pods and inet imported only where needed: mctl's imports are on the start's way,
+        # the supervisor's leasing runs while the machine's child builds its root)
         fail = f"Failed to start {self.name}"
-        store = ipam.peek()
-        joining = bool(self.pod and pods.members(self.pod))
+        fixed = self.cfg.network.address
+        if fixed or self.ports:
+            from machined import ipam
+
+            store = ipam.peek()
+        else:
+            store = {}
+        if self.pod:
+            from machined import pods
+
+            joining = bool(pods.members(self.pod))
+        else:
+            joining = False
         if joining:
             pass  # joins a running pod, whose network is in place: its own mode does not matter
         elif self.mode.kind in ("bridge", "veth"):
             self.bridge = self._bridge()
-            fixed = self.cfg.network.address
-            reason = fixed and ipam.fixed_error(self.bridge, inet.Address.parse(fixed), self.owner,
-                                                store.get("leases", {}))
-            if reason:
-                die(f"{fail}: {reason}")
+            if fixed:
+                from machined import inet
+
+                reason = ipam.fixed_error(self.bridge, inet.Address.parse(fixed), self.owner, store.get("leases", {}))
+                if reason:
+                    die(f"{fail}: {reason}")
         elif self.mode.kind in ("interface", "macvlan"):
             if not os.path.exists(f"/sys/class/net/{self.mode.link}"):
                 die(f"{fail}: there is no network interface {self.mode.link} on the host")
@@ -164,6 +179,8 @@ class MachineNetwork:
         """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
         recorded in the machine's state; the hosts files. The veth's addresses are asked for as soon
         as they are leased: the helper's answer is what the first boot's exec waits for."""
+        from machined import ipam
+
         self.claimed = True
         data = self.data
         with ipam.Store() as store:
@@ -208,6 +225,8 @@ class MachineNetwork:
         return "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
 
     def _join_pod(self, store: ipam.Store, ref: object) -> None:
+        from machined import pods
+
         pod = self.pod
         self.record["pod"] = pod
         if pods.exists(pod) and pods.members(pod, exclude=self.name):
@@ -243,6 +262,8 @@ class MachineNetwork:
         makes while spawn gets the machine ready (answer() takes its reply). The first boot's
         was asked for by ask_first_boot()."""
         if self.pod:
+            from machined import pods
+
             self.pod_fds = pods.open_namespaces(self.pod)
             return self.pod_fds
         if not self.asked:
@@ -451,6 +472,8 @@ def host_resolvers() -> str:
             continue
         servers = [line.split()[1] for line in text.splitlines()
                    if line.startswith("nameserver") and len(line.split()) > 1]
+        from machined import inet
+
         if servers and not all(inet.is_loopback(s) is not False for s in servers):
             return text
     return ""
@@ -567,6 +590,8 @@ def teardown(data: dict[str, object], agent: netagent.Agent | netagent.Inline | 
         from machined import nat
 
         nat.delete_table(table)
+    from machined import ipam, pods
+
     with ipam.Store() as store:
         store.release(name)
         pod = rec.get("pod")

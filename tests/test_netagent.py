@@ -144,7 +144,7 @@ def test_a_kept_bridges_machine_starts_on_links_that_mctl_made_first_thing(env: 
         assert wait(lambda: outer not in links())
         # Nor is its replay sent for another mode than the one given or set (another bridge, say).
         for mode in ("veth", "bridge:other0", "bridge"):
-            code = f"from machined import netops; r = netops.attach_early({name!r}, {mode!r}); print(r is None)"
+            code = f"from machined import netops; r = netops.early_plan({name!r}, {mode!r}); print(r is None)"
             r = subprocess.run([sys.executable, "-c", code], env=env.environ(), capture_output=True, text=True)
             assert r.stdout.split() == [str(mode != "bridge")], (mode, r.stdout, r.stderr)
         assert wait(lambda: outer not in links())
