@@ -24,16 +24,19 @@ def bare_package(name: str) -> None:
 
 def sha256(data: bytes) -> bytes:
     """SHA-256 from CPython's built-in module: importing hashlib initialises OpenSSL (~3 ms), and
-    a start hashes for an address lease and a link name. (The constructor is found once: a failed
-    import is a search of the whole path, ~70 us, each time.)"""
+    a start hashes for an address lease and a link name. (The constructor is found once.)"""
     if not _sha256:
-        try:
-            from _sha2 import sha256 as new  # type: ignore[import-not-found,unused-ignore]  # Python 3.12 and later
-        except ImportError:
+        import sys
+
+        # (the module of this Python's version first: a failed import searches the whole path)
+        for module in ("_sha256", "_sha2") if sys.version_info < (3, 12) else ("_sha2", "_sha256"):
             try:
-                from _sha256 import sha256 as new  # type: ignore[import-not-found,no-redef,unused-ignore]  # 3.11
-            except ImportError:  # a Python built without its own hashes
-                from hashlib import sha256 as new  # type: ignore[assignment,no-redef,unused-ignore]
+                new = __import__(module).sha256
+                break
+            except ImportError:
+                pass
+        else:  # a Python built without its own hashes
+            from hashlib import sha256 as new
         _sha256.append(new)
     digest: bytes = _sha256[0](data).digest()
     return digest

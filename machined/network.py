@@ -21,7 +21,7 @@ import errno
 import os
 
 import machined
-from machined import linux, mounts, netagent, netconfig, paths, state
+from machined import inet, ipam, linux, mounts, netagent, netconfig, paths, state
 from machined.log import MachinedError, die
 
 TYPE_CHECKING = False
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from machined import inet, ipam
     from machined.config import MachineConfig
     from machined.netconfig import Bridge, HostNetwork
 
@@ -81,18 +80,11 @@ class MachineNetwork:
 
     def check(self) -> None:
         """Refuse what cannot work, touching nothing (the locked allocation in prepare() checks again)."""
-        # (ipam, pods and inet imported only where needed: mctl's imports are on the start's way,
-        # the supervisor's leasing runs while the machine's child builds its root)
         fail = f"Failed to start {self.name}"
         fixed = self.cfg.network.address
-        if fixed or self.ports:
-            from machined import ipam
-
-            store = ipam.peek()
-        else:
-            store = {}
+        store = ipam.peek() if fixed or self.ports else {}  # (the store, read only where it matters)
         if self.pod:
-            from machined import pods
+            from machined import pods  # (only for pods: mctl's imports are on the start's way)
 
             joining = bool(pods.members(self.pod))
         else:
@@ -102,8 +94,6 @@ class MachineNetwork:
         elif self.mode.kind in ("bridge", "veth"):
             self.bridge = self._bridge()
             if fixed:
-                from machined import inet
-
                 reason = ipam.fixed_error(self.bridge, inet.Address.parse(fixed), self.owner, store.get("leases", {}))
                 if reason:
                     die(f"{fail}: {reason}")
@@ -179,9 +169,7 @@ class MachineNetwork:
         """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
         recorded in the machine's state; the hosts files. The veth's addresses are asked for as soon
         as they are leased: the helper's answer is what the first boot's exec waits for."""
-        from machined import ipam
-
-        self.claimed = True
+        self.claimed = True  # (ipam is imported with this module, in mctl: the exec waits for this)
         data = self.data
         with ipam.Store() as store:
             ref = data["supervisor"]
@@ -472,8 +460,6 @@ def host_resolvers() -> str:
             continue
         servers = [line.split()[1] for line in text.splitlines()
                    if line.startswith("nameserver") and len(line.split()) > 1]
-        from machined import inet
-
         if servers and not all(inet.is_loopback(s) is not False for s in servers):
             return text
     return ""
@@ -590,7 +576,7 @@ def teardown(data: dict[str, object], agent: netagent.Agent | netagent.Inline | 
         from machined import nat
 
         nat.delete_table(table)
-    from machined import ipam, pods
+    from machined import pods
 
     with ipam.Store() as store:
         store.release(name)

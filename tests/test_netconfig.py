@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,25 @@ def test_sha256_without_hashlib_is_sha256() -> None:
 
     for data in (b"", b"m", "ü".encode() * 1000):
         assert machined.sha256(data) == hashlib.sha256(data).digest()
+
+
+def test_sha256_asks_only_for_its_own_pythons_module() -> None:
+    """A failed import searches the whole path (~70 us of a start): the first call asks for
+    _sha256 on 3.11 and _sha2 from 3.12 on, and for nothing else."""
+    code = (
+        "import sys\n"
+        "asked = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        asked.append(name)\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "import machined\n"
+        "asked.clear()\n"
+        "machined.sha256(b'x')\n"
+        "print(' '.join(asked), 'hashlib' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own = "_sha256" if sys.version_info < (3, 12) else "_sha2"
+    assert r.stdout.split() == [own, "False"], r.stdout
 
 
 def test_a_bridged_start_works_out_its_addresses_without_ipaddress(tmp_path: Path) -> None:
