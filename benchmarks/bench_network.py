@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_start import clean_nspawn_leftovers, private_install
+from benchmarks.bench_start import clean_nspawn_leftovers, private_install, runtime_tmpfs, umount_runtime
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -66,6 +66,7 @@ def main() -> int:
         f'[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = true\n')
     name = "benchnet"
     try:
+        runtime_tmpfs(work / "run")
         subprocess.run([mctl, "create", name, "--template", "busybox"], env=env, check=True)
         nsroot = work / "nsroot"
         subprocess.run(["cp", "-a", str(work / "images" / name), str(nsroot)], check=True)
@@ -125,6 +126,7 @@ def main() -> int:
         subprocess.run([mctl, "terminate", name], env=env, capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         subprocess.run(["nft", "delete", "table", "inet", f"machined-{bridge}"], capture_output=True)
+        umount_runtime(work / "run")
         shutil.rmtree(work, ignore_errors=True)
         clean_nspawn_leftovers()
     return 0

@@ -61,6 +61,18 @@ def private_install(deps: bool = False) -> Path:
     return venv / "bin/mctl"
 
 
+def runtime_tmpfs(path: Path) -> None:
+    """mctl's runtime directory on a tmpfs of its own, as /run is on a host that runs systemd (here
+    /run may be on a disk): a start writes and renames its state, leases and hosts files there, and
+    a rename over a file on ext4 starts the writeback of the new one. umount_runtime() ends it."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "machined-bench", str(path)], check=True)
+
+
+def umount_runtime(path: Path) -> None:
+    subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
+
+
 def clean_nspawn_leftovers() -> None:
     # systemd-nspawn on a host without systemd leaves its payload/supervisor cgroups behind.
     for top in ("unified", "systemd"):
@@ -155,6 +167,7 @@ def main() -> int:
                MACHINED_RUNTIME_DIR=str(work / "run"), MACHINED_CACHE_DIR=str(work / "cache"))
     env.pop("PYTHONPATH", None)
     try:
+        runtime_tmpfs(work / "run")
         # One-shot, on a copy both tools share.
         shared = work / "oneshot"
         subprocess.run(["cp", "-a", str(rootfs), str(shared)], check=True)
@@ -190,6 +203,7 @@ def main() -> int:
               f"ratio {mo / mt:.2f} (median of {a.boots}, alternating)")
     finally:
         subprocess.run([str(mctl), "terminate", "benchboot"], env=env, capture_output=True)
+        umount_runtime(work / "run")
         shutil.rmtree(work, ignore_errors=True)
         clean_nspawn_leftovers()
     return 0
