@@ -233,9 +233,10 @@ class Early:
     (netops.attach_here), while mctl imports and plans the rest: the kernel takes 2-5 ms to make
     them, which a helper process would start on only after its own ~15 ms start. Whether the saved
     replay fits is found out here, before the thread: each system call of a thread ends with a wait
-    for the GIL, and each such turn costs mctl's imports a handover on another CPU (~50 us here). So
-    the thread's only calls are the namespace's and the request's, whose kernel work is what runs
-    meanwhile."""
+    for the GIL, and each such turn costs mctl's imports a handover to another CPU (in a
+    micro-benchmark, a thread that also read and checked the replay cost them 1.7 ms; this one,
+    nothing measurable). So the thread's only calls are the namespace's and the request's, whose
+    kernel work is what runs meanwhile."""
 
     def __init__(self, machine: str, mode: str) -> None:
         """mode: the machine's network mode, as given or set (a replay for another is not sent)."""
@@ -260,9 +261,9 @@ class Early:
         # may wait 5 ms for mctl's imports each time.
         self.interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0001)
-        _thread.start_new_thread(self._run, (plan, machine))
+        _thread.start_new_thread(self._run, (plan,))
 
-    def _run(self, plan: tuple[dict[str, Any], list[Any], int | None], machine: str) -> None:
+    def _run(self, plan: tuple[dict[str, Any], list[Any], int | None]) -> None:
         try:
             from machined import netops
 

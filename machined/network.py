@@ -169,7 +169,8 @@ class MachineNetwork:
         """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
         recorded in the machine's state; the hosts files. The veth's addresses are asked for as soon
         as they are leased: the helper's answer is what the first boot's exec waits for."""
-        self.claimed = True  # (ipam is imported with this module, in mctl: the exec waits for this)
+        # (ipam is imported with this module, in mctl, not here: the first boot's exec waits for this)
+        self.claimed = True
         data = self.data
         with ipam.Store() as store:
             ref = data["supervisor"]
