@@ -312,11 +312,17 @@ def attach_requests(m: dict[str, int], machine: str, bridge: dict[str, Any], kin
                     altname: str, seed: str) -> list[Request]:
     """attach_veth's requests, m: the values (or markers) of the fields a replay fills in."""
     # Outer up and in the bridge as it is made (host0 cannot be: its peer is not registered yet).
+    # One queue each way on both ends from the start: by default each end gets a queue per CPU, cut
+    # down to its peer's one receive queue once both exist, and each cut waits for an expedited RCU
+    # grace period under the RTNL lock (synchronize_net: two per pair, up to 3 ms on a busy machine,
+    # with an interrupt to every CPU). Either way the pair ends up with one queue each way.
+    queues = {"num_tx_queues": 1, "num_rx_queues": 1}
     peer = {"attrs": [("IFLA_IFNAME", "host0"), ("IFLA_NET_NS_FD", m["netns"]),
-                      ("IFLA_ADDRESS", stable_mac(seed, "host0"))]}
+                      ("IFLA_ADDRESS", stable_mac(seed, "host0")),
+                      *((f"IFLA_{k.upper()}", v) for k, v in queues.items())]}
     master = {"master": m["master"]} if kind == "bridge" else {}
     veth = _link(ifname=outer, up=kind == "bridge", address=stable_mac(seed, outer),
-                 linkinfo=_linkinfo("veth", ("VETH_INFO_PEER", peer)), **master)
+                 linkinfo=_linkinfo("veth", ("VETH_INFO_PEER", peer)), **master, **queues)
     made: list[Request] = [("host", f"create veth {outer} for {machine}", RTM_NEWLINK, veth, NLM_F_CREATE | NLM_F_EXCL)]
     if altname:
         prop = _link(m["outer"], prop_list={"attrs": [("IFLA_ALT_IFNAME", altname)]})

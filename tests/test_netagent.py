@@ -66,6 +66,15 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
     assert _comm(str(agent.pid)) == ""
 
 
+def one_queue_each_way(outer: str, leader: int) -> bool:
+    """Whether both ends of a machine's veth pair were made with one queue each way (a pair cut down
+    to one later waits for two expedited RCU grace periods as it is made)."""
+    ends = [sh("ip", "-d", "link", "show", outer),
+            sh("nsenter", "-t", str(leader), "-n", "ip", "-d", "link", "show", "host0")]
+    return all("numtxqueues 1 numrxqueues 1 " in end for end in ends) and \
+        sorted(os.listdir(f"/sys/class/net/{outer}/queues")) == ["rx-0", "tx-0"]
+
+
 @pytest.mark.root
 def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> None:
     """A bridged machine's helper is forked (it loads pyroute2 at once: the test bridges are not
@@ -77,6 +86,7 @@ def test_one_helper_for_a_bridged_machine_holding_nothing_of_mctl(env: Env) -> N
         data = state(env, name)
         [pid] = helpers(name)
         assert data["network"]["agent"]["pid"] == int(pid)  # type: ignore[index]
+        assert one_queue_each_way(data["network"]["host_link"], data["leader"]["pid"])  # type: ignore[index]
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert b"-I" not in argv and b"netagent.main()" not in b" ".join(argv), argv
         assert [_fds(pid)[fd] for fd in ("0", "1", "2")] == ["/dev/null"] * 3, _fds(pid)
@@ -126,6 +136,7 @@ def test_a_kept_bridges_machine_starts_on_links_that_mctl_made_first_thing(env: 
             assert f"inet {address}/" in env.ok("shell", name, "--", "ip", "addr", "show", "host0")
             assert "default via" in env.ok("shell", name, "--", "ip", "route")
             assert outer in sh("ip", "-o", "link", "show", "master", bridge)
+            assert one_queue_each_way(outer, leader["pid"])  # type: ignore[index]
         # Its supervisor and init killed, and started again: the cleanup of what they left (by this
         # mctl) removes their links by name, so Early makes none while the machine has a state.
         for who in ("supervisor", "leader"):
