@@ -261,7 +261,11 @@ class Early:
         # may wait 5 ms for mctl's imports each time.
         self.interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0001)
-        _thread.start_new_thread(self._run, (plan,))
+        try:
+            _thread.start_new_thread(self._run, (plan,))
+        except RuntimeError:  # (no thread to be had: the start makes the links as it would have)
+            sys.setswitchinterval(self.interval)
+            self.done.release()
 
     def _run(self, plan: tuple[dict[str, Any], list[Any], int | None]) -> None:
         try:

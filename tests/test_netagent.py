@@ -66,6 +66,31 @@ def test_requests_follow_each_other_and_are_answered_in_order() -> None:
     assert _comm(str(agent.pid)) == ""
 
 
+def test_early_without_a_thread_leaves_the_start_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no thread can be started, Early makes nothing: no result (the start takes the helper's
+    way), its socket closed, the switch interval as it was."""
+    import _thread
+
+    from machined import netagent, netops
+
+    closed: list[bool] = []
+
+    class Socket:
+        def close(self) -> None:
+            closed.append(True)
+
+    def no_thread(*_: object) -> int:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(netops, "early_plan", lambda machine, mode: ({"outer": "vb-x"}, [], None))
+    monkeypatch.setattr(netops, "rtnl_socket", Socket)
+    monkeypatch.setattr(_thread, "start_new_thread", no_thread)
+    interval = sys.getswitchinterval()
+    early = netagent.Early("x", "bridge")
+    assert sys.getswitchinterval() == interval
+    assert early.result() is None and closed == [True]
+
+
 def one_queue_each_way(outer: str, leader: int) -> bool:
     """Whether both ends of a machine's veth pair were made with one queue each way (a pair cut down
     to one later waits for two expedited RCU grace periods as it is made)."""
