@@ -206,12 +206,15 @@ class MachineNetwork:
         """The host's end of the veth pair: recorded (in the state written next) before any boot makes it."""
         br = self.bridge
         assert br is not None
-        link = host_ifname(self._link_prefix(), self.pod or self.name)
-        self.record.update(bridge=br.name, keep=br.keep, host_link=link)
+        self.record.update(bridge=br.name, keep=br.keep, host_link=self._host_link())
         self.data["interfaces"] = [self.record["host_link"]]
 
     def _link_prefix(self) -> str:
         return "vp-" if self.pod else "vb-" if self.mode.kind == "bridge" else "ve-"
+
+    def _host_link(self) -> str:
+        """The name of the host's end of the veth pair (its state's host_link, once begin() ran)."""
+        return host_ifname(self._link_prefix(), self.pod or self.name)
 
     def _join_pod(self, store: ipam.Store, ref: object) -> None:
         from machined import pods
@@ -304,7 +307,7 @@ class MachineNetwork:
         """attach_veth's arguments (but held) for a veth pair."""
         assert self.bridge is not None
         prefix, base = self._link_prefix(), self.pod or self.name
-        outer = host_ifname(prefix, base)
+        outer = self._host_link()
         return {"machine": self.name, "bridge": self.bridge.to_json(), "kind": self.mode.kind, "outer": outer,
                 "altname": prefix + base if outer != prefix + base else "", "seed": self.mac_seed}
 
