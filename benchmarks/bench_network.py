@@ -6,7 +6,8 @@ On one busybox rootfs, alternating, in one run:
   systemd-nspawn -q -D R --register=no --keep-unit --private-network /bin/true
         vs the same with --network-bridge=BR (same bridge)
 Prints medians, the time networking adds to each (the median of bridged minus private network
-within each round) and the ratios of those additions, mctl/nspawn. Each round runs the cases in
+within each round) and the ratios of those additions, mctl/nspawn (for mctl start with a bootstrap
+interval and how often it is at most 1.0 when the rounds are resampled). Each round runs the cases in
 an order of its own (shuffled, seeded): a start finds the kernel still tearing down the network
 namespace and veth of the run before it, and a fixed order would always give the same case the
 same predecessor. mctl is a regular (non-editable) install of this checkout in a private venv
@@ -42,6 +43,21 @@ def _interval(values: list[float], rounds: int = 2000) -> tuple[float, float]:
     rnd = random.Random(0)
     medians = sorted(statistics.median(rnd.choices(values, k=len(values))) for _ in range(rounds))
     return medians[int(rounds * 0.025)], medians[int(rounds * 0.975) - 1]
+
+
+def _ratio_interval(ours: list[float], theirs: list[float], rounds: int = 2000) -> tuple[float, float, float]:
+    """For the ratio of two medians of per-round differences: a 95% bootstrap interval (the rounds
+    resampled together, as they were run) and the share of resamples in which it is at most 1.0.
+    A resample whose denominator is not positive counts as an unbounded ratio."""
+    rnd = random.Random(0)
+    n = len(ours)
+    ratios = []
+    for _ in range(rounds):
+        picked = rnd.choices(range(n), k=n)
+        den = statistics.median(theirs[i] for i in picked)
+        ratios.append(statistics.median(ours[i] for i in picked) / den if den > 0 else float("inf"))
+    ratios.sort()
+    return ratios[int(rounds * 0.025)], ratios[int(rounds * 0.975) - 1], sum(r <= 1.0 for r in ratios) / rounds
 
 
 def main() -> int:
@@ -118,6 +134,9 @@ def main() -> int:
         if added["nspawn"] >= 1.0:
             print(f"ratio of the additions, mctl start/nspawn: {added['mctl start'] / added['nspawn']:.1f}; "
                   f"mctl run/nspawn: {added['mctl run'] / added['nspawn']:.1f}")
+            low, high, within = _ratio_interval(diffs["mctl start"], diffs["nspawn"])
+            print(f"  mctl start/nspawn: 95% interval {low:.1f} to {high:.1f}; at most 1.0 in {within:.0%} "
+                  "of the resampled runs")
         else:
             print("ratio of the additions: none meaningful, nspawn's addition is below 1 ms (within noise)")
         print(f"ratio of bridged totals, mctl run/nspawn: {med['mctl run, bridge'] / med['nspawn, bridge']:.2f}; "
