@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_network import _interval
+from benchmarks.bench_network import _interval, bench_bridge, remove_bench_bridge
 from benchmarks.bench_start import REPO, clean_nspawn_leftovers, runtime_tmpfs, umount_runtime
 
 
@@ -62,11 +62,7 @@ def main() -> int:
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # (each tree's bytecode is written once and read after)
     envs = {k: dict(env, PYTHONPATH=f"{tree}:{sysconfig.get_paths()['purelib']}",
                     MACHINED_RUNTIME_DIR=str(work / f"run-{k}")) for k, tree in trees.items()}
-    (work / "config").mkdir(parents=True)
-    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}.0/24"
-    (work / "config" / "machined.conf").write_text(
-        f'[network]\ndefault_bridge = "{bridge}"\nhosts_file = ""\n\n'
-        f'[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = true\n')
+    bench_bridge(work / "config", bridge)
     name = f"abstart{os.getpid() % 10000}"  # (its cgroups are named after it, host-wide)
 
     def mctl(k: str, *args: str, check: bool = True) -> None:
@@ -115,8 +111,7 @@ def main() -> int:
         for k in trees:
             if (trees[k] / "bin").exists():
                 mctl(k, "terminate", name, check=False)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-        subprocess.run(["nft", "delete", "table", "inet", f"machined-{bridge}"], capture_output=True)
+        remove_bench_bridge(bridge)
         for path in mounted:
             umount_runtime(path)
         shutil.rmtree(work, ignore_errors=True)

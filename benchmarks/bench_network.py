@@ -60,6 +60,22 @@ def _ratio_interval(ours: list[float], theirs: list[float], rounds: int = 2000) 
     return ratios[int(rounds * 0.025)], ratios[int(rounds * 0.975) - 1], sum(r <= 1.0 for r in ratios) / rounds
 
 
+def bench_bridge(config: Path, bridge: str) -> None:
+    """mctl's host configuration in config: bridge (made by the first start, kept, no NAT) as the
+    default bridge, on a subnet of this process's own; no hosts file of the host's to update."""
+    config.mkdir(parents=True, exist_ok=True)
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}.0/24"
+    (config / "machined.conf").write_text(
+        f'[network]\ndefault_bridge = "{bridge}"\nhosts_file = ""\n\n'
+        f'[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = true\n')
+
+
+def remove_bench_bridge(bridge: str) -> None:
+    """The kept bridge, and its NAT table where it had one: nothing of the run stays on the host."""
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    subprocess.run(["nft", "delete", "table", "inet", f"machined-{bridge}"], capture_output=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=30)
@@ -75,11 +91,7 @@ def main() -> int:
     env = dict(os.environ, MACHINED_IMAGE_DIR=str(work / "images"), MACHINED_CONFIG_DIR=str(work / "config"),
                MACHINED_RUNTIME_DIR=str(work / "run"), MACHINED_CACHE_DIR=str(work / "cache"))
     env.pop("PYTHONPATH", None)
-    (work / "config").mkdir(parents=True)
-    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}.0/24"
-    (work / "config" / "machined.conf").write_text(
-        f'[network]\ndefault_bridge = "{bridge}"\nhosts_file = ""\n\n'
-        f'[network.bridges.{bridge}]\nsubnet = "{subnet}"\nnat = false\nkeep = true\n')
+    bench_bridge(work / "config", bridge)
     name = "benchnet"
     try:
         runtime_tmpfs(work / "run")
@@ -143,8 +155,7 @@ def main() -> int:
               f"mctl start/nspawn: {med['mctl start, bridge'] / med['nspawn, bridge']:.2f}")
     finally:
         subprocess.run([mctl, "terminate", name], env=env, capture_output=True)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-        subprocess.run(["nft", "delete", "table", "inet", f"machined-{bridge}"], capture_output=True)
+        remove_bench_bridge(bridge)
         umount_runtime(work / "run")
         shutil.rmtree(work, ignore_errors=True)
         clean_nspawn_leftovers()
