@@ -169,10 +169,10 @@ Step = tuple[str, str, bytes, list[tuple[int, str]]]  # namespace ("host", "mach
 
 
 def _key(op: str, args: dict[str, Any]) -> dict[str, Any]:
-    """What a replay is valid for, compared as it is (a start reads it and its replay's saved one:
-    hashing them both, as before, cost ~0.1 ms of its way): op and its arguments, the code that
-    builds the requests (netlink.py as installed: another machined builds others) and the kernel's
-    release (a replay is only ever sent to the kernel that acknowledged it)."""
+    """What a replay is valid for, saved and compared as it is (a hash of it cost a start ~0.1 ms
+    each time it was worked out, twice a start): op and its arguments, the code that builds the
+    requests (netlink.py as installed: another machined builds others) and the kernel's release (a
+    replay is only ever sent to the kernel that acknowledged it)."""
     st = os.stat(os.path.join(os.path.dirname(__file__), "netlink.py"))
     return {"op": op, "args": args, "format": 3, "version": machined.__version__, "kernel": os.uname().release,
             "builder": [st.st_size, st.st_mtime_ns]}
@@ -181,7 +181,7 @@ def _key(op: str, args: dict[str, Any]) -> dict[str, Any]:
 def load(machine: str, op: str, args: dict[str, Any]) -> list[Step] | None:
     """The saved replay of op with args for machine, None if there is none for these args."""
     preloaded = _preloaded.pop((machine, op), None)
-    key, _, steps = preloaded if preloaded is not None else _read(machine, op)
+    key, steps = preloaded if preloaded is not None else _read(machine, op)
     return steps if key is not None and key == _key(op, args) else None
 
 
@@ -192,25 +192,27 @@ def preload(machine: str, ops: tuple[str, ...] = netagent.REPLAYED) -> None:
         _preloaded[(machine, op)] = _read(machine, op)
 
 
-_preloaded: dict[tuple[str, str], tuple[dict[str, Any] | None, dict[str, Any] | None, list[Step] | None]] = {}
+_preloaded: dict[tuple[str, str], tuple[dict[str, Any] | None, list[Step] | None]] = {}
 
 
-def _read(machine: str, op: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[Step] | None]:
-    """A saved replay's key, arguments and steps; (None, None, None) where there is none that could be sent."""
+def _read(machine: str, op: str) -> tuple[dict[str, Any] | None, list[Step] | None]:
+    """A saved replay's key (its arguments under "args") and steps; (None, None) where there is none
+    that could be sent."""
     try:
         saved = jsonc.load(paths.replay_path(machine, op))
         key = saved["key"]
-        args = key.get("args")  # (AttributeError where the key is not an object)
         steps = [(str(ns), str(what), bytes.fromhex(data), [(int(o), str(f)) for o, f in fields])
                  for ns, what, data, fields in saved["steps"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, None, None
+        return None, None
+    if not isinstance(key, dict) or not isinstance(key.get("args"), dict):
+        return None, None
     # (nothing is sent that would not fit: each field where a 32-bit value goes, of a known name)
     if all(ns in ("host", "machine") and len(data) >= HEADER.size and
            all(o % 4 == 0 and HEADER.size <= o <= len(data) - 4 and f in FIELDS for o, f in fields)
            for ns, _, data, fields in steps):
-        return key, args if isinstance(args, dict) else None, steps
-    return None, None, None
+        return key, steps
+    return None, None
 
 
 def early_plan(machine: str, mode: str) -> tuple[dict[str, Any], list[Step], int | None] | None:
@@ -225,8 +227,11 @@ def early_plan(machine: str, mode: str) -> tuple[dict[str, Any], list[Step], int
 
     if os.path.exists(state.state_path(machine)):
         return None
-    key, args, steps = _read(machine, "attach_veth")
-    if steps is None or args is None or key != _key("attach_veth", args) or args.get("machine") != machine:
+    key, steps = _read(machine, "attach_veth")
+    if key is None or steps is None:
+        return None
+    args = key["args"]
+    if key != _key("attach_veth", args) or args.get("machine") != machine:
         return None
     bridge, outer, kind = args.get("bridge"), args.get("outer"), args.get("kind")
     if not isinstance(bridge, dict) or not isinstance(outer, str) or outer.startswith("vp-"):
