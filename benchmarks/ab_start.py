@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_network import _interval, bench_bridge, remove_bench_bridge
-from benchmarks.bench_start import REPO, clean_nspawn_leftovers, runtime_tmpfs, umount_runtime
+from benchmarks.bench_start import REPO, clean_nspawn_leftovers, install_peers, runtime_tmpfs, umount_runtime
 
 
 def export(rev: str, into: Path) -> None:
@@ -53,6 +53,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("ab_start: run as root", file=sys.stderr)
         return 1
+    if a.after_nspawn:
+        install_peers("systemd-nspawn")
     work = Path(tempfile.mkdtemp(prefix="machined-ab-"))
     bridge = f"mbab{os.getpid() % 10000}"
     network = f"bridge:{bridge}" if a.network == "bridge" else a.network

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.bench_start import install_peers  # noqa: E402
+
 MIRROR = os.environ.get("MACHINED_TEST_MIRROR", "http://deb.debian.org/debian")
 
 
@@ -47,6 +50,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_create: run as root", file=sys.stderr)
         return 1
+    install_peers("lxc-create -t debian")
     mctl = [a.mctl] if a.mctl else [sys.executable, "-m", "machined"]
     work = Path(tempfile.mkdtemp(prefix="machined-bench-create-"))
     env = dict(os.environ, MACHINED_IMAGE_DIR=str(work / "images"), MACHINED_CONFIG_DIR=str(work / "config"),

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_start import private_install
+from benchmarks.bench_start import install_peers, private_install
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--mctl", type=Path, default=None)
     args = ap.parse_args()
+    install_peers("lxc")
     mctl = str(args.mctl or private_install(deps=True))
     tmp = Path(tempfile.mkdtemp(prefix="bench-devices-"))
     name = f"bdev{os.getpid()}"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_start import clean_nspawn_leftovers, private_install, runtime_tmpfs, umount_runtime
+from benchmarks.bench_start import clean_nspawn_leftovers, install_peers, private_install, runtime_tmpfs, umount_runtime
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -85,6 +85,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_network: run as root", file=sys.stderr)
         return 1
+    install_peers("systemd-nspawn")
     mctl = str(a.mctl or private_install(deps=True))
     work = Path(tempfile.mkdtemp(prefix="machined-bench-"))
     bridge = f"mbbench{os.getpid() % 10000}"

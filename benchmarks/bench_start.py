@@ -29,6 +29,26 @@ MIRROR = os.environ.get("MACHINED_TEST_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = "systemd,systemd-sysv,dbus,iproute2,procps,libpam-systemd"
 
 
+# What each peer needs of Debian's packages, and a file that shows it is installed.
+PEERS = {"systemd-nspawn": ("/usr/bin/systemd-nspawn", ["systemd-container"]),
+         "lxc": ("/usr/bin/lxc-start", ["lxc"]),
+         "lxc-create -t debian": ("/usr/share/lxc/templates/lxc-debian",
+                                  ["lxc", "lxc-templates", "debootstrap", "rsync"])}
+
+
+def install_peers(*peers: str) -> None:
+    """The peers a benchmark compares with, from Debian's packages where missing (a new machine has
+    none of them), as run-tests installs what the tests need."""
+    missing = sorted({pkg for peer in peers if not os.path.exists(PEERS[peer][0]) for pkg in PEERS[peer][1]})
+    if not missing:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    print(f"installing {', '.join(missing)}: the peers to compare with", file=sys.stderr)
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 def debian_rootfs() -> Path:
     """The same cached Debian bookworm the test suite boots (built with mmdebstrap if missing)."""
     sys.path.insert(0, str(REPO))
@@ -160,6 +180,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_start: run as root", file=sys.stderr)
         return 1
+    install_peers("systemd-nspawn")
     rootfs = a.rootfs or debian_rootfs()
     mctl = a.mctl or private_install()
     work = Path(tempfile.mkdtemp(prefix="machined-bench-"))
