@@ -5,7 +5,9 @@ venv's Python (`python -S REV/bin/mctl`, the dependencies from the venv), each w
 directory on a tmpfs of its own, on one machine made from the busybox template. Each round starts
 and terminates the machine once with each revision, in an order of its own (seeded); with
 --after-nspawn, each start follows an nspawn run, whose namespace the kernel is still tearing down
-(as in bench_network). Prints each revision's median and the median of the per-round differences,
+(as in bench_network); with --others N, N more machines run meanwhile, whose hosts files a
+bridged start updates (each revision's own, on a bridge of its own: the revisions' stores do not
+know each other's leases). Prints each revision's median and the median of the per-round differences,
 B - A, with a 95% bootstrap interval. Single starts vary by several milliseconds on a small VM:
 800 rounds (a few minutes) narrow the interval to about +-0.3 ms, where 200 leave it at +-1 ms.
 """
@@ -49,6 +51,7 @@ def main() -> int:
     ap.add_argument("--network", default="bridge", help="the start's --network (default bridge: a bench bridge)")
     ap.add_argument("--after-nspawn", action="store_true", help="an nspawn run before each start")
     ap.add_argument("--seed", type=int, default=1, help="of the order within each round")
+    ap.add_argument("--others", type=int, default=0, help="machines running meanwhile (default none)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("ab_start: run as root", file=sys.stderr)
@@ -73,6 +76,7 @@ def main() -> int:
                        stderr=None if check else subprocess.DEVNULL)
 
     mounted: list[Path] = []
+    others: list[tuple[str, str]] = []  # (revision, machine)
     try:
         for k, rev in (("A", a.a), ("B", a.b)):
             export(rev, trees[k])
@@ -85,6 +89,16 @@ def main() -> int:
         for k in trees:  # the bridge, each tree's replays and bytecode
             mctl(k, "start", name, "--network", network)
             mctl(k, "terminate", name)
+        if a.others:
+            with (work / "config" / "machined.conf").open("a") as conf:
+                for k, octet in (("A", 251), ("B", 252)):
+                    conf.write(f'\n[network.bridges.{bridge}{k.lower()}]\n'
+                               f'subnet = "10.{octet}.{os.getpid() % 250}.0/24"\nnat = false\nkeep = true\n')
+        for i in range(a.others):  # (cgroups are named after machines: each revision's have names of their own)
+            for k in trees:
+                others.append((k, f"{name}{k.lower()}{i}"))
+                mctl("A", "clone", name, others[-1][1])
+                mctl(k, "start", others[-1][1], "--network", f"bridge:{bridge}{k.lower()}")
         times: dict[str, list[float]] = {k: [] for k in trees}
         order = random.Random(a.seed)
         for i in range(a.rounds + 3):
@@ -110,10 +124,11 @@ def main() -> int:
         low, high = _interval(diffs)
         print(f"B - A, per round: {statistics.median(diffs):+.2f} ms (95% interval {low:+.2f} to {high:+.2f})")
     finally:
-        for k in trees:
+        for k, n in [*((k, name) for k in trees), *others]:
             if (trees[k] / "bin").exists():
-                mctl(k, "terminate", name, check=False)
-        remove_bench_bridge(bridge)
+                mctl(k, "terminate", n, check=False)
+        for br in (bridge, f"{bridge}a", f"{bridge}b"):
+            remove_bench_bridge(br)
         for path in mounted:
             umount_runtime(path)
         shutil.rmtree(work, ignore_errors=True)

@@ -10,7 +10,9 @@ within each round) and the ratios of those additions, mctl/nspawn (for mctl star
 interval and how often it is at most 1.0 when the rounds are resampled). Each round runs the cases in
 an order of its own (shuffled, seeded): a start finds the kernel still tearing down the network
 namespace and veth of the run before it, and a fixed order would always give the same case the
-same predecessor. mctl is a regular (non-editable) install of this checkout in a private venv
+same predecessor. With --others N, N more bridged machines run throughout (a host that keeps a few
+dev machines up): each of the cases runs beside them, and a bridged start of mctl's adds its name
+to their hosts files. mctl is a regular (non-editable) install of this checkout in a private venv
 unless --mctl names another.
 """
 
@@ -81,6 +83,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--mctl", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=1, help="of the order of the cases in each round")
+    ap.add_argument("--others", type=int, default=0, help="bridged machines running throughout (default none)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_network: run as root", file=sys.stderr)
@@ -94,6 +97,7 @@ def main() -> int:
     env.pop("PYTHONPATH", None)
     bench_bridge(work / "config", bridge)
     name = "benchnet"
+    others = [f"{name}o{i}" for i in range(a.others)]
     try:
         runtime_tmpfs(work / "run")
         subprocess.run([mctl, "create", name, "--template", "busybox"], env=env, check=True)
@@ -111,6 +115,9 @@ def main() -> int:
         # The bridge first (nspawn's case needs it, whatever the order), and the machine's replays.
         subprocess.run([mctl, "start", name, "--network", f"bridge:{bridge}"], env=env, check=True)
         subprocess.run([mctl, "terminate", name], env=env, check=True)
+        for other in others:
+            subprocess.run([mctl, "clone", name, other], env=env, check=True)
+            subprocess.run([mctl, "start", other, "--network", f"bridge:{bridge}"], env=env, check=True)
         results: dict[str, list[float]] = {k: [] for k in cases}
         order = random.Random(a.seed)
         for i in range(a.runs + 2):
@@ -131,7 +138,7 @@ def main() -> int:
                     results[key].append(t)
         med = {k: statistics.median(v) * 1000 for k, v in results.items()}
         for k, v in med.items():
-            print(f"{k:26} {v:7.1f} ms (median of {a.runs})")
+            print(f"{k:26} {v:7.1f} ms (median of {a.runs}{f', {a.others} other machines running' if others else ''})")
         # Each addition is the median of the differences within one round (the two runs are seconds
         # apart): robust against this machine's speed drifting between rounds, which a difference of
         # the two medians is not.
@@ -155,7 +162,8 @@ def main() -> int:
         print(f"ratio of bridged totals, mctl run/nspawn: {med['mctl run, bridge'] / med['nspawn, bridge']:.2f}; "
               f"mctl start/nspawn: {med['mctl start, bridge'] / med['nspawn, bridge']:.2f}")
     finally:
-        subprocess.run([mctl, "terminate", name], env=env, capture_output=True)
+        for machine in (name, *others):
+            subprocess.run([mctl, "terminate", machine], env=env, capture_output=True)
         remove_bench_bridge(bridge)
         umount_runtime(work / "run")
         shutil.rmtree(work, ignore_errors=True)

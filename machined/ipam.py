@@ -1,11 +1,14 @@
-"""Address leases and forwarded host ports, in one store under one lock in the runtime directory.
+"""Address leases, forwarded host ports and the names of running networked machines (with their
+addresses, for the hosts files), in one store under one lock in the runtime directory.
 
 Each machine's address is derived from its machine id (a hash picks a preferred host number in the
 subnet, taken addresses are skipped), so it stays the same across restarts without the store
 keeping anything for stopped machines: the store holds exactly the leases and ports of running
 machines. Every change happens under an exclusive flock, so concurrent starts never hand out one
 address (or one host port) twice. An entry whose owner's supervisor is gone (killed with SIGKILL)
-is stale and reclaimed by whoever looks next.
+is stale and reclaimed by whoever looks next. The names are the hosts files' source: one read of
+the store, whose entries are checked for life as it is opened anyway, rather than every running
+machine's state.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class Store(Lock):
     def __enter__(self) -> Store:
         super().__enter__()
         self.data = _load()
-        for key in ("leases", "ports"):
+        for key in ("leases", "ports", "names"):
             self.data.setdefault(key, {})
         self._reclaim()
         return self
@@ -97,8 +100,9 @@ class Store(Lock):
         jsonc.save(store_path(), live, sort_keys=True)
 
     def _reclaim(self) -> None:
+        seen: dict[str, bool] = {}  # (a machine's lease and name share its supervisor: looked at once)
         for table in self.data.values():
-            for key in [k for k, v in table.items() if not _owner_alive(v)]:
+            for key in [k for k, v in table.items() if not _owner_alive(v, seen)]:
                 del table[key]
                 self.dirty = True
 
@@ -140,6 +144,20 @@ class Store(Lock):
             table[port.key] = {"owner": owner, "ref": ref, "to": port.machine}
         self.dirty = bool(ports) or self.dirty
 
+    def add_name(self, name: str, ref: object, addresses: list[str]) -> None:
+        """A running machine with a network, by its name and addresses (none: it only reads others')."""
+        self.data["names"][name] = {"owner": name, "ref": ref, "addresses": addresses}
+        self.dirty = True
+
+    def names(self) -> dict[str, list[str]]:
+        """The running machines with a network (valid names only: each is a path), and their addresses."""
+        names = {}
+        for name, entry in sorted(self.data["names"].items()):
+            if paths.name_error(name) is None:
+                addresses = entry.get("addresses")
+                names[name] = [a for a in addresses if isinstance(a, str)] if isinstance(addresses, list) else []
+        return names
+
     def release(self, owner: str) -> None:
         for table in self.data.values():
             for key in [k for k, v in table.items() if v.get("owner") == owner]:
@@ -177,13 +195,21 @@ def fixed_error(br: Bridge, addr: Address, owner: str, leases: dict[str, dict[st
 
 def peek() -> dict[str, dict[str, dict[str, object]]]:
     """The store's live entries, read without the lock (for early checks; decisions take the lock)."""
-    return {k: {kk: vv for kk, vv in v.items() if _owner_alive(vv)} for k, v in _load().items()}
+    seen: dict[str, bool] = {}
+    return {k: {kk: vv for kk, vv in v.items() if _owner_alive(vv, seen)} for k, v in _load().items()}
 
 
-def _owner_alive(entry: object) -> bool:
+def _owner_alive(entry: object, seen: dict[str, bool]) -> bool:
+    """Whether the entry's process (or, for a pod, any of its processes) runs; seen: the answers so
+    far, by process."""
     if not isinstance(entry, dict):
         return False  # not ours to understand: a damaged store loses it
     ref = entry.get("ref")
-    if isinstance(ref, list):  # a pod: alive while any of its machines is
-        return any(state.is_alive(r) for r in ref)
-    return state.is_alive(ref)
+    return any(_alive(r, seen) for r in ref) if isinstance(ref, list) else _alive(ref, seen)  # (a pod: a list)
+
+
+def _alive(ref: object, seen: dict[str, bool]) -> bool:
+    key = repr(ref)
+    if key not in seen:
+        seen[key] = state.is_alive(ref)
+    return seen[key]

@@ -166,9 +166,11 @@ class MachineNetwork:
         return [self.claim] if not self.claimed else []
 
     def claim(self) -> None:
-        """Lease the address, claim the ports, add the forwards (and make or join the pod); all of it
-        recorded in the machine's state; the hosts files. The veth's addresses are asked for as soon
-        as they are leased: the helper's answer is what the first boot's exec waits for."""
+        """Lease the address, claim the ports, add the forwards (and make or join the pod), all of it
+        recorded in the machine's state (written once the machine runs: the store is what a crash
+        leaves to reclaim); the machine's name and addresses in the store and the hosts files. The
+        veth's addresses are asked for as soon as they are leased: the helper's answer is what the
+        first boot's exec waits for."""
         # (ipam is imported with this module, in mctl, not here: the first boot's exec waits for this)
         self.claimed = True
         data = self.data
@@ -191,8 +193,8 @@ class MachineNetwork:
                 self.record["nft_table"] = nat.machine_table(self.name)
                 state.write(self.name, data)
                 nat.add_forwards(self.name, self.ports, addrs[0], addrs[1] if len(addrs) > 1 else None)
-            state.write(self.name, data)
-            update_hosts(self.host.hosts_file)
+            store.add_name(self.name, ref, _str_list(data.get("addresses")))
+            update_hosts(store, self.host.hosts_file, fresh=(self.name, self.rootfs))
 
     def _lease(self, store: ipam.Store, ref: object) -> None:
         br = self.bridge
@@ -476,16 +478,6 @@ def write_resolv_conf(path: str) -> None:
             f.write("# The host's resolvers, given to this machine by machined.\n" + text)
 
 
-def _running(exclude: str = "") -> list[dict[str, object]]:
-    """The states of running machines (exclude: one being torn down)."""
-    result = []
-    for name in state.all_names():
-        data = state.read(name) if name != exclude else None
-        if data and state.is_alive(data.get("supervisor")):
-            result.append(data)
-    return result
-
-
 def _str_list(value: object) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
@@ -507,17 +499,21 @@ def _with_block(text: str, entries: list[str]) -> str:
     return f"{text}{sep}{HOSTS_BEGIN}\n" + "".join(f"{e}\n" for e in entries) + f"{HOSTS_END}\n"
 
 
-def _rewrite_in_place(path: str, content: str, follow: bool = False) -> None:
-    """In place, never by rename: the file may be bind-mounted (into guests, or /etc/hosts itself);
-    and not at all where it holds content already. follow: the host's file may be a symlink the
-    administrator made; ours never are."""
+def _rewrite_block(path: str, entries: list[str], base: str | None = None, follow: bool = False) -> None:
+    """A hosts file with entries as its managed block, rewritten in place, never by rename (the file
+    may be bind-mounted: into guests, or /etc/hosts itself), and not at all where it holds that
+    already. base: what goes before the block (else what the file holds outside it). follow: the
+    host's file may be a symlink the administrator made; ours never are."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0o644)
     try:
-        data = content.encode()
-        if os.pread(fd, len(data) + 1, 0) == data:
-            return
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        old = b"".join(chunks)
+        data = _with_block(old.decode(errors="replace") if base is None else base, entries).encode()
+        if data != old:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
 
@@ -536,31 +532,36 @@ def _guest_hosts(rootfs: str) -> str:
         os.close(root_fd)
 
 
-def update_hosts(host_file: str, exclude: str = "") -> None:
-    """Rewrite every running machine's hosts file and the host's managed block (under the network lock):
-    'ADDRESS NAME' for each address of each running machine."""
-    running = _running(exclude)
-    entries = [f"{a}\t{data['name']}" for data in running for a in _str_list(data.get("addresses"))]
-    for data in running:
-        if "network" in data:
-            guest = _with_block(_guest_hosts(str(data.get("rootfs", ""))), entries)
-            _rewrite_in_place(hosts_path(str(data["name"])), guest)
+def update_hosts(store: ipam.Store, host_file: str, fresh: tuple[str, str] | None = None) -> None:
+    """Rewrite the hosts file of every machine the store names and the host's managed block, with
+    'ADDRESS NAME' for each address of each (store: open, its lock held). Each machine's file keeps
+    what it holds outside the block: its guest's own /etc/hosts, read as its file was made; fresh:
+    (name, rootfs) of the machine whose file is made now."""
+    names = store.names()
+    entries = [f"{a}\t{name}" for name, addresses in names.items() for a in addresses]
+    for name in names:
+        if fresh is not None and name == fresh[0]:
+            _rewrite_block(hosts_path(name), entries, _guest_hosts(fresh[1]))
+            continue
+        try:
+            _rewrite_block(hosts_path(name), entries)
+        except FileNotFoundError:
+            pass  # (its runtime directory is gone: nothing binds that file any more)
     if host_file:
         try:
             with open(host_file) as f:
                 old = f.read()
         except FileNotFoundError:
             old = ""
-        new = _with_block(old, entries)
-        if new != old:
-            try:
-                _rewrite_in_place(host_file, new, follow=True)
-            except OSError as e:
-                # A host whose hosts file is read-only (itself a machine, an immutable image) still
-                # runs machines; only the host's own lookups of their names go without.
-                from machined.log import warn
+        try:
+            if _with_block(old, entries) != old:  # (only then opened for writing: it may be read-only)
+                _rewrite_block(host_file, entries, follow=True)
+        except OSError as e:
+            # A host whose hosts file is read-only (itself a machine, an immutable image) still
+            # runs machines; only the host's own lookups of their names go without.
+            from machined.log import warn
 
-                warn(f"Failed to update {host_file} with the machines' names: {e.strerror}")
+            warn(f"Failed to update {host_file} with the machines' names: {e.strerror}")
 
 
 # --- teardown -------------------------------------------------------------------------------------
@@ -602,7 +603,7 @@ def teardown(data: dict[str, object], agent: netagent.Agent | netagent.Inline | 
         if link or bridge:
             _remove_links(agent, link, bridge)
         hosts_file = rec.get("hosts_file")
-        update_hosts(hosts_file if isinstance(hosts_file, str) else "", exclude=name)
+        update_hosts(store, hosts_file if isinstance(hosts_file, str) else "")
 
 
 def _remove_links(agent: netagent.Agent | netagent.Inline | None, link: str | None, bridge: str | None) -> None:

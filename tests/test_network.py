@@ -334,6 +334,32 @@ def test_hundred_cycles_leave_the_host_as_before(env: Env) -> None:
     assert len(addresses) == 1  # a stable address, restart after restart
 
 
+def test_hosts_files_follow_the_running_machines(env: Env) -> None:
+    """A machine's /etc/hosts is its guest's own file (as it was at its start) and every running
+    machine: another's start adds that one's name, its end removes it, also where its supervisor was
+    killed (at the next call), and the guest's own lines stay. The names are the lease store's."""
+    a, b = env.name("a"), env.name("b")
+    for n in (a, b):
+        env.ok("create", n, "--template", "busybox")
+    (env.images / a / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n10.9.9.9\tguestonly\n")
+    env.ok("start", a)
+    env.ok("start", b)
+    inside = env.ok("shell", a, "--", "cat", "/etc/hosts")
+    assert inside.startswith("127.0.0.1\tlocalhost\n10.9.9.9\tguestonly\n"), inside
+    assert f"{address(env, a)}\t{a}\n" in inside and f"{address(env, b)}\t{b}\n" in inside, inside
+    names = json.loads(lease_store(env) or "{}")["names"]
+    assert {n: e["addresses"] for n, e in names.items()} == {a: [address(env, a)], b: [address(env, b)]}
+    assert env.ok("shell", b, "--", "cat", "/etc/hosts").count("guestonly") == 0
+    os.kill(state(env, b)["supervisor"]["pid"], signal.SIGKILL)  # type: ignore[index]
+    time.sleep(0.2)
+    assert [m["machine"] for m in json.loads(env.ok("list", "-o", "json"))] == [a]  # the next call cleans up
+    inside = env.ok("shell", a, "--", "cat", "/etc/hosts")
+    assert b not in inside and f"\t{a}\n" in inside and "guestonly" in inside, inside
+    assert list(json.loads(lease_store(env) or "{}")["names"]) == [a]
+    env.ok("terminate", a)
+    assert lease_store(env) is None
+
+
 def test_supervisor_killed_then_next_call_cleans_network(env: Env) -> None:
     name = env.name()
     port = free_port()
