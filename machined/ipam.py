@@ -3,12 +3,12 @@ addresses, for the hosts files), in one store under one lock in the runtime dire
 
 Each machine's address is derived from its machine id (a hash picks a preferred host number in the
 subnet, taken addresses are skipped), so it stays the same across restarts without the store
-keeping anything for stopped machines: the store holds exactly the leases and ports of running
-machines. Every change happens under an exclusive flock, so concurrent starts never hand out one
-address (or one host port) twice. An entry whose owner's supervisor is gone (killed with SIGKILL)
-is stale and reclaimed by whoever looks next. The names are the hosts files' source: one read of
-the store, whose entries are checked for life as it is opened anyway, rather than every running
-machine's state.
+keeping anything for stopped machines: the store holds exactly the leases, ports and names of
+running machines. Every change happens under an exclusive flock, so concurrent starts never hand
+out one address (or one host port) twice. An entry whose owner's supervisor is gone (killed with
+SIGKILL) is stale and reclaimed by whoever looks next. The names are the hosts files' source: one
+read of the store, whose entries are checked for life as it is opened anyway, rather than every
+running machine's state.
 """
 
 from __future__ import annotations
